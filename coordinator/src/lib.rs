@@ -1,0 +1,3 @@
+//! The clearml-fleet coordinator: decides how many instances each ClearML queue needs.
+
+pub mod policy;

@@ -1,0 +1,1 @@
+//! The scaling policy: pure decisions from a snapshot of the fleet and the time.
