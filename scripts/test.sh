@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what the tests need first, when it is missing:
+#   - etcd (Debian package etcd-server),
+#   - a Python venv at $FLEET_VENV (default ~/.cache/clearml-fleet/venv) with the pinned packages of
+#     scripts/requirements-test.txt: moto's EC2 server, the clearml SDK and clearml-agent.
+# Build output goes to $CARGO_TARGET_DIR (default ~/.cache/clearml-fleet/target), outside the clone, so
+# a fresh clone reuses earlier builds.
+# Extra arguments are passed to `cargo test`, for example: scripts/test.sh -p clearml-api
+set -euo pipefail
+
+repo_dir="$(cd "$(dirname "$0")/.." && pwd)"
+cache_dir="${XDG_CACHE_HOME:-$HOME/.cache}/clearml-fleet"
+export FLEET_VENV="${FLEET_VENV:-$cache_dir/venv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache_dir/target}"
+requirements="$repo_dir/scripts/requirements-test.txt"
+
+log() { printf '[test.sh] %s\n' "$*"; }
+fail() { printf '[test.sh] error: %s\n' "$*" >&2; exit 1; }
+
+install_etcd() {
+    if command -v etcd >/dev/null 2>&1; then
+        log "etcd present: $(etcd --version | head -n1)"
+        return
+    fi
+    [ -f /etc/debian_version ] || fail "etcd is missing and this is not Debian; install etcd 3.4+ so that 'etcd' is on PATH"
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || fail "etcd is missing; run as root or install the Debian package etcd-server"
+        sudo="sudo"
+    fi
+    log "installing etcd-server with apt-get"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+    # The package starts a system etcd on the default ports; tests start their own on free ports.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+        $sudo systemctl stop etcd || true
+    fi
+    log "installed: $(etcd --version | head -n1)"
+}
+
+install_venv() {
+    local stamp="$FLEET_VENV/.requirements.sha256"
+    local wanted
+    wanted="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    if [ -x "$FLEET_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
+        log "Python venv up to date: $FLEET_VENV"
+        return
+    fi
+    command -v python3 >/dev/null 2>&1 || fail "python3 is missing; install Python 3.9 or newer"
+    log "installing Python packages into $FLEET_VENV"
+    if [ ! -x "$FLEET_VENV/bin/python" ]; then
+        python3 -m venv "$FLEET_VENV" || fail "cannot create a venv at $FLEET_VENV; on Debian install python3-venv"
+    fi
+    "$FLEET_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    echo "$wanted" > "$stamp"
+    log "installed: $("$FLEET_VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -iE '^(moto|clearml|clearml-agent)==' | tr '\n' ' ')"
+}
+
+command -v cargo >/dev/null 2>&1 || fail "cargo is missing; install Rust 1.94 or newer with rustup"
+install_etcd
+install_venv
+
+cd "$repo_dir"
+log "running cargo test --workspace (target dir $CARGO_TARGET_DIR)"
+started=$SECONDS
+cargo test --workspace "$@"
+log "cargo test finished in $((SECONDS - started)) s"
