@@ -1,3 +1,4 @@
 //! The clearml-fleet coordinator: decides how many instances each ClearML queue needs.
 
 pub mod policy;
+pub mod providers;

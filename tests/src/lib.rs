@@ -1,5 +1,7 @@
-//! Test support for clearml-fleet: the ClearML API emulator, the process harness and the fleet simulator.
+//! Test support for clearml-fleet: the ClearML API emulator, the EC2 test server, the process harness, the
+//! fake worker and the fleet simulator.
 
+pub mod ec2;
 pub mod emulator;
 pub mod fake_worker;
 pub mod harness;
