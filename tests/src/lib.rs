@@ -5,4 +5,5 @@ pub mod ec2;
 pub mod emulator;
 pub mod fake_worker;
 pub mod harness;
+pub mod node;
 pub mod sim;
