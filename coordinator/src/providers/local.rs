@@ -1,0 +1,582 @@
+//! The local provider: each instance is a child process of this coordinator, with its own id and directory.
+//!
+//! It serves the demo, tests and a single large on-premises machine. Instances live only as long as the
+//! provider: dropping it kills every process group it started, so nothing outlives the coordinator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::process::{Child, Command};
+use tokio::sync::{Mutex, broadcast};
+
+use crate::providers::{
+    Clock, CloudProvider, Instance, InstanceState, LaunchOutcome, LaunchRequest, Market, Offering,
+    ProviderError, ProviderEvent, TAG_INTENT, TagFilter, TerminateOutcome, instance_tags,
+};
+
+/// Instance type and zone that local instances report.
+pub const LOCAL_INSTANCE_TYPE: &str = "process";
+pub const LOCAL_ZONE: &str = "local";
+
+/// Configuration of the local provider.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub cluster: String,
+    /// Directory under which each instance gets `<instance id>/` as its working directory and log location.
+    pub base_dir: PathBuf,
+    /// Program started for each instance.
+    ///
+    /// NOTE: production points this at the `fleet-node-agent` binary, which does not exist yet. Until it does,
+    /// only tests and the demo use this provider, with `fake-clearml-worker` or a shell command.
+    pub program: PathBuf,
+    /// Arguments; `{instance_id}` and `{dir}` are replaced with the instance's id and directory.
+    pub args: Vec<String>,
+    /// Extra environment variables for every instance, besides the `FLEET_*` variables set per instance.
+    pub env: BTreeMap<String, String>,
+    /// Time between SIGTERM and SIGKILL when an instance is terminated.
+    pub terminate_grace: Duration,
+    /// How long a terminated instance stays visible to describe, like EC2 keeps terminated instances for a while.
+    pub terminated_retention: Duration,
+    pub usd_per_hour: Option<f64>,
+}
+
+impl LocalConfig {
+    pub fn new(cluster: &str, base_dir: PathBuf, program: PathBuf) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            base_dir,
+            program,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            terminate_grace: Duration::from_secs(10),
+            terminated_retention: Duration::from_secs(3600),
+            usd_per_hour: None,
+        }
+    }
+}
+
+struct LocalInstance {
+    child: Child,
+    /// Process group id, equal to the child's pid because it leads its own group.
+    pgid: Option<i32>,
+    tags: BTreeMap<String, String>,
+    launch_time: SystemTime,
+    state: InstanceState,
+    /// Time (since the Unix epoch) the instance was seen exited or terminated.
+    ended_at: Option<Duration>,
+}
+
+impl LocalInstance {
+    fn view(&self, id: &str) -> Instance {
+        Instance {
+            id: id.to_owned(),
+            state: self.state,
+            launch_time: Some(self.launch_time),
+            tags: self.tags.clone(),
+            market: Market::OnDemand,
+            zone: Some(LOCAL_ZONE.to_owned()),
+            instance_type: Some(LOCAL_INSTANCE_TYPE.to_owned()),
+        }
+    }
+
+    /// Marks the instance terminated if its process exited on its own or was killed from outside.
+    fn refresh(&mut self, id: &str, now: Duration) {
+        if self.state != InstanceState::Running {
+            return;
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                tracing::info!(instance_id = id, %status, "local instance process exited, instance terminated");
+                self.state = InstanceState::Terminated;
+                self.ended_at = Some(now);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(instance_id = id, %error, "failed to check local instance process, assuming it runs");
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    instances: BTreeMap<String, LocalInstance>,
+    /// Instance ids launched per client token.
+    tokens: HashMap<String, Vec<String>>,
+}
+
+/// The local-process provider.
+pub struct LocalProvider {
+    config: LocalConfig,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    events: broadcast::Sender<ProviderEvent>,
+}
+
+impl LocalProvider {
+    pub fn new(config: LocalConfig, clock: Arc<dyn Clock>) -> Self {
+        let (events, _) = broadcast::channel(16);
+        Self {
+            config,
+            clock,
+            state: Mutex::new(State::default()),
+            events,
+        }
+    }
+
+    /// Returns the directory of instance `id`.
+    pub fn instance_dir(&self, id: &str) -> PathBuf {
+        self.config.base_dir.join(id)
+    }
+
+    fn spawn(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<LocalInstance, ProviderError> {
+        let dir = self.instance_dir(id);
+        let dir_error = |source| ProviderError::InstanceDir {
+            instance_id: id.to_owned(),
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(dir_error)?;
+        let stdout = std::fs::File::create(dir.join("stdout.log")).map_err(dir_error)?;
+        let stderr = std::fs::File::create(dir.join("stderr.log")).map_err(dir_error)?;
+
+        let dir_text = dir.to_string_lossy();
+        let args = self
+            .config
+            .args
+            .iter()
+            .map(|arg| arg.replace("{instance_id}", id).replace("{dir}", &dir_text));
+        let mut command = Command::new(&self.config.program);
+        command
+            .args(args)
+            .envs(&self.config.env)
+            .env("FLEET_INSTANCE_ID", id)
+            .env("FLEET_INSTANCE_DIR", &dir)
+            .env("FLEET_CLUSTER", &self.config.cluster)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        for (key, variable) in [
+            (crate::providers::TAG_QUEUE, "FLEET_QUEUE"),
+            (crate::providers::TAG_RESOURCE, "FLEET_RESOURCE"),
+            (TAG_INTENT, "FLEET_INTENT_ID"),
+        ] {
+            if let Some(value) = tags.get(key) {
+                command.env(variable, value);
+            }
+        }
+
+        let child = command.spawn().map_err(|source| ProviderError::Spawn {
+            instance_id: id.to_owned(),
+            program: self.config.program.display().to_string(),
+            source,
+        })?;
+        let pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
+        Ok(LocalInstance {
+            child,
+            pgid,
+            tags: tags.clone(),
+            launch_time: SystemTime::now(),
+            state: InstanceState::Running,
+            ended_at: None,
+        })
+    }
+
+    fn forget_old_terminated(&self, state: &mut State, now: Duration) {
+        let retention = self.config.terminated_retention;
+        state.instances.retain(|_, instance| {
+            instance
+                .ended_at
+                .is_none_or(|ended| now.saturating_sub(ended) < retention)
+        });
+    }
+}
+
+/// Sends `signal` to the process group `pgid`.
+fn signal_group(pgid: i32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions; a negative pid addresses the process group.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+#[async_trait]
+impl CloudProvider for LocalProvider {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn launch(
+        &self,
+        request: &LaunchRequest,
+        count: u32,
+        client_token: &str,
+    ) -> Result<LaunchOutcome, ProviderError> {
+        let now = self.clock.now();
+        let mut state = self.state.lock().await;
+
+        let known_ids: Vec<String> = match state.tokens.get(client_token) {
+            Some(ids) => ids.clone(),
+            None => state
+                .instances
+                .iter()
+                .filter(|(_, instance)| instance.tags.get(TAG_INTENT) == Some(&request.intent_id))
+                .map(|(id, _)| id.clone())
+                .collect(),
+        };
+        if !known_ids.is_empty() {
+            let mut instances = Vec::with_capacity(known_ids.len());
+            for id in &known_ids {
+                if let Some(instance) = state.instances.get_mut(id) {
+                    instance.refresh(id, now);
+                    instances.push(instance.view(id));
+                }
+            }
+            tracing::info!(intent_id = %request.intent_id, client_token, instance_ids = ?known_ids, "intent already launched, nothing new launched");
+            return Ok(LaunchOutcome {
+                instances,
+                already_launched: true,
+                ..LaunchOutcome::default()
+            });
+        }
+
+        let tags = instance_tags(&self.config.cluster, request, &BTreeMap::new());
+        let mut outcome = LaunchOutcome::default();
+        for _ in 0..count {
+            let id = format!("local-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let instance = match self.spawn(&id, &tags) {
+                Ok(instance) => instance,
+                Err(error) if outcome.instances.is_empty() => return Err(error),
+                Err(error) => {
+                    outcome.stopped_by = Some(error);
+                    break;
+                }
+            };
+            tracing::info!(
+                instance_id = %id,
+                pid = instance.pgid,
+                queue = %request.queue,
+                resource = %request.resource,
+                intent_id = %request.intent_id,
+                client_token,
+                "local instance launched"
+            );
+            outcome.instances.push(instance.view(&id));
+            state.instances.insert(id.clone(), instance);
+            state
+                .tokens
+                .entry(client_token.to_owned())
+                .or_default()
+                .push(id);
+        }
+        Ok(outcome)
+    }
+
+    async fn terminate(&self, ids: &[String]) -> Result<TerminateOutcome, ProviderError> {
+        let now = self.clock.now();
+        let mut state = self.state.lock().await;
+        let mut outcome = TerminateOutcome::default();
+
+        let mut stopping = Vec::new();
+        for id in ids {
+            let Some(instance) = state.instances.get_mut(id) else {
+                tracing::info!(instance_id = %id, "local instance to terminate does not exist, already gone");
+                outcome.not_found.push(id.clone());
+                continue;
+            };
+            instance.refresh(id, now);
+            if instance.state == InstanceState::Running
+                && let Some(pgid) = instance.pgid
+            {
+                signal_group(pgid, libc::SIGTERM);
+                stopping.push(id.clone());
+            }
+            tracing::info!(instance_id = %id, "local instance termination requested");
+            outcome.terminating.push(id.clone());
+        }
+
+        let deadline = tokio::time::Instant::now() + self.config.terminate_grace;
+        for id in &stopping {
+            let Some(instance) = state.instances.get_mut(id) else {
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, instance.child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(instance_id = %id, grace_s = self.config.terminate_grace.as_secs(), "local instance ignored SIGTERM, killing it");
+            }
+            // SIGKILL also reaches processes the instance left behind in its group.
+            if let Some(pgid) = instance.pgid {
+                signal_group(pgid, libc::SIGKILL);
+            }
+            if let Err(error) = instance.child.wait().await {
+                tracing::warn!(instance_id = %id, %error, "failed to reap local instance process");
+            }
+            instance.state = InstanceState::Terminated;
+            instance.ended_at = Some(now);
+        }
+        Ok(outcome)
+    }
+
+    async fn describe(&self, filter: &TagFilter) -> Result<Vec<Instance>, ProviderError> {
+        let now = self.clock.now();
+        let mut state = self.state.lock().await;
+        self.forget_old_terminated(&mut state, now);
+
+        let mut instances = Vec::new();
+        for (id, instance) in state.instances.iter_mut() {
+            instance.refresh(id, now);
+            if filter.matches(&instance.tags) {
+                instances.push(instance.view(id));
+            }
+        }
+        Ok(instances)
+    }
+
+    fn hourly_price(&self, offering: &Offering) -> Option<f64> {
+        (offering.instance_type == LOCAL_INSTANCE_TYPE)
+            .then_some(self.config.usd_per_hour)
+            .flatten()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<ProviderEvent> {
+        self.events.subscribe()
+    }
+}
+
+impl Drop for LocalProvider {
+    fn drop(&mut self) {
+        let state = self.state.get_mut();
+        for instance in state.instances.values_mut() {
+            if instance.state == InstanceState::Running
+                && let Some(pgid) = instance.pgid
+            {
+                signal_group(pgid, libc::SIGKILL);
+                // Reaping needs the runtime; a killed child left unreaped is reaped by tokio's orphan queue.
+                let _ = instance.child.start_kill();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::SystemClock;
+
+    fn provider(dir: &std::path::Path, script: &str) -> LocalProvider {
+        let mut config = LocalConfig::new("test", dir.to_path_buf(), PathBuf::from("/bin/sh"));
+        // `sh -c SCRIPT NAME ARGS...` sets $0 to NAME, so the placeholders arrive as $1 and $2.
+        config.args = vec![
+            "-c".into(),
+            script.into(),
+            "instance".into(),
+            "{instance_id}".into(),
+            "{dir}".into(),
+        ];
+        config.terminate_grace = Duration::from_secs(5);
+        LocalProvider::new(config, Arc::new(SystemClock))
+    }
+
+    fn request(intent: &str) -> LaunchRequest {
+        LaunchRequest {
+            queue: "default".into(),
+            resource: "cpu".into(),
+            intent_id: intent.into(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    async fn state_of(provider: &LocalProvider, id: &str) -> Option<InstanceState> {
+        let instances = provider
+            .describe(&TagFilter::cluster("test"))
+            .await
+            .unwrap();
+        instances
+            .into_iter()
+            .find(|instance| instance.id == id)
+            .map(|instance| instance.state)
+    }
+
+    async fn wait_for_state(provider: &LocalProvider, id: &str, expected: InstanceState) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while state_of(provider, id).await != Some(expected) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance {id} did not reach {expected:?} within 10 s"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn launch_starts_processes_with_placeholders_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"echo "$1 $2 $FLEET_QUEUE $FLEET_INTENT_ID" > "$2/args"; exec sleep 600"#;
+        let provider = provider(dir.path(), script);
+
+        let outcome = provider
+            .launch(&request("intent-1"), 2, "intent-1")
+            .await
+            .unwrap();
+
+        assert_eq!(outcome.instances.len(), 2);
+        assert!(!outcome.already_launched);
+        for instance in &outcome.instances {
+            let args_file = provider.instance_dir(&instance.id).join("args");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut written = String::new();
+            while !written.ends_with('\n') {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} not written",
+                    args_file.display()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                written = std::fs::read_to_string(&args_file).unwrap_or_default();
+            }
+            let expected = format!(
+                "{} {} default intent-1\n",
+                instance.id,
+                provider.instance_dir(&instance.id).display()
+            );
+            assert_eq!(written, expected);
+            assert_eq!(instance.state, InstanceState::Running);
+            assert_eq!(instance.tag(TAG_INTENT), Some("intent-1"));
+        }
+    }
+
+    #[tokio::test]
+    async fn same_client_token_returns_same_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = provider(dir.path(), "exec sleep 600");
+
+        let first = provider
+            .launch(&request("intent-2"), 2, "intent-2")
+            .await
+            .unwrap();
+        let second = provider
+            .launch(&request("intent-2"), 2, "intent-2")
+            .await
+            .unwrap();
+
+        let ids = |outcome: &LaunchOutcome| {
+            let mut ids: Vec<String> = outcome.instances.iter().map(|i| i.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(&first), ids(&second));
+        assert!(second.already_launched);
+        let all = provider
+            .describe(&TagFilter::cluster("test"))
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn terminate_stops_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = provider(dir.path(), "exec sleep 600");
+        let outcome = provider
+            .launch(&request("intent-3"), 1, "intent-3")
+            .await
+            .unwrap();
+        let id = outcome.instances[0].id.clone();
+
+        let terminated = provider
+            .terminate(&[id.clone(), "local-unknown".to_owned()])
+            .await
+            .unwrap();
+
+        assert_eq!(terminated.terminating, std::slice::from_ref(&id));
+        assert_eq!(terminated.not_found, ["local-unknown"]);
+        assert_eq!(
+            state_of(&provider, &id).await,
+            Some(InstanceState::Terminated)
+        );
+    }
+
+    #[tokio::test]
+    async fn terminate_kills_a_process_that_ignores_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut provider = provider(dir.path(), "trap '' TERM; while :; do sleep 1; done");
+        provider.config.terminate_grace = Duration::from_millis(300);
+        let outcome = provider
+            .launch(&request("intent-4"), 1, "intent-4")
+            .await
+            .unwrap();
+        let id = outcome.instances[0].id.clone();
+
+        provider.terminate(std::slice::from_ref(&id)).await.unwrap();
+
+        assert_eq!(
+            state_of(&provider, &id).await,
+            Some(InstanceState::Terminated)
+        );
+    }
+
+    #[tokio::test]
+    async fn exited_process_shows_as_terminated() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = provider(dir.path(), "exit 0");
+        let outcome = provider
+            .launch(&request("intent-5"), 1, "intent-5")
+            .await
+            .unwrap();
+
+        wait_for_state(
+            &provider,
+            &outcome.instances[0].id,
+            InstanceState::Terminated,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn killed_process_shows_as_terminated() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = provider(dir.path(), "exec sleep 600");
+        let outcome = provider
+            .launch(&request("intent-6"), 1, "intent-6")
+            .await
+            .unwrap();
+        let id = outcome.instances[0].id.clone();
+        let pgid = provider.state.lock().await.instances[&id].pgid.unwrap();
+
+        signal_group(pgid, libc::SIGKILL);
+
+        wait_for_state(&provider, &id, InstanceState::Terminated).await;
+    }
+
+    #[tokio::test]
+    async fn describe_filters_by_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = provider(dir.path(), "exec sleep 600");
+        let mut gpu = request("intent-7");
+        gpu.queue = "gpu".into();
+        provider.launch(&gpu, 1, "intent-7").await.unwrap();
+        provider
+            .launch(&request("intent-8"), 1, "intent-8")
+            .await
+            .unwrap();
+
+        let filter = TagFilter::cluster("test").with(crate::providers::TAG_QUEUE, "gpu");
+        let found = provider.describe(&filter).await.unwrap();
+
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].tag(crate::providers::TAG_QUEUE), Some("gpu"));
+    }
+}
