@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 use crate::client::{Client, Retry};
 use crate::error::Error;
 
+/// clearml-server's `(result_code, result_subcode)` for "invalid queue id or task not in queue".
+const TASK_NOT_QUEUED: (u16, u16) = (400, 703);
+
 /// A queue as `queues.get_all` and `queues.get_by_id` return it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Queue {
@@ -196,17 +199,23 @@ impl Queues<'_> {
         Ok(response.added > 0)
     }
 
-    /// Removes a task entry from the queue. Returns whether the task was in the queue.
+    /// Removes a task entry from the queue. Returns false when the task was not in the queue, which the
+    /// server reports as error 400/703 (`invalid_queue_or_task_not_queued`); a retry after a lost
+    /// response lands there too.
     pub async fn remove_task(&self, queue: &str, task: &str) -> Result<bool, Error> {
-        let response: RemovedResponse = self
+        let result: Result<RemovedResponse, Error> = self
             .client
             .call(
                 "queues.remove_task",
                 &QueueTaskRequest { queue, task },
                 Retry::Safe,
             )
-            .await?;
-        Ok(response.removed > 0)
+            .await;
+        match result {
+            Ok(response) => Ok(response.removed > 0),
+            Err(err) if err.result_codes() == Some(TASK_NOT_QUEUED) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
     /// Moves a queued task to the head of the queue, so the next `get_next_task` returns it. Returns its

@@ -319,7 +319,8 @@ impl Tasks<'_> {
         self.client.call("tasks.reset", change, Retry::Safe).await
     }
 
-    /// Asks a running task to stop (`force` sets `stopped` at once). Safe to repeat.
+    /// Asks a running task to stop (`force` sets `stopped` at once). Safe to repeat. The server keeps
+    /// `status_reason` but writes its own `status_message` ("Stopped by <user>").
     pub async fn stop(&self, change: &StatusChange) -> Result<Updated, Error> {
         self.client.call("tasks.stop", change, Retry::Safe).await
     }
