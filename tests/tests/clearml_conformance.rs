@@ -19,8 +19,8 @@ const AGENT_DEADLINE: Duration = Duration::from_secs(180);
 /// Endpoints the clients call that the open-source clearml-server does not implement either, so the 404 they
 /// get is the real server's answer.
 const ABSENT_FROM_OPEN_SOURCE_SERVER: &[&str] = &["workers.get_runtime_properties"];
-/// The line `tests/python/hello_task.py` prints.
-const TASK_MARKER: &str = "fleet-conformance-task-ran";
+/// The line `tests/python/hello_task.py` prints, with the parameter it read back through `Task.connect`.
+const TASK_MARKER: &str = "fleet-conformance-task-ran steps=3";
 /// A loopback port nothing listens on, used as the proxy for every non-local request.
 const CLOSED_PROXY: &str = "http://127.0.0.1:9";
 
@@ -298,6 +298,9 @@ async fn agent_pulls_runs_and_completes_task() {
         .expect("the worker is still registered");
     assert_eq!(worker.queues, vec![queue.clone()]);
     assert_eq!(worker.task, None, "the worker reports idle after the task");
+
+    let steps = &task.document["hyperparams"]["General"]["steps"];
+    assert_eq!(steps["value"], "3", "Task.connect in the task stored its parameters: {steps}");
 
     let log = emulator.task_log(&task_id).join("");
     assert!(

@@ -188,10 +188,15 @@ pub(crate) async fn handle_request(
     meta.endpoint = path.name.clone();
     meta.requested_version = Some(path.requested_version.clone());
 
+    let client = ["X-ClearML-Client", "X-Trains-Client", "User-Agent"]
+        .iter()
+        .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .unwrap_or_default()
+        .to_owned();
     let result = dispatch(&shared, &path, &mut meta, &uri, &headers, &body, peer).await;
     match result {
         Dispatched::Result(result) => {
-            log_result(&path.name, &result);
+            log_result(&path.name, &client, &result);
             respond(&meta, result)
         }
         Dispatched::Response(response) => response,
@@ -283,7 +288,7 @@ async fn dispatch(
 
     match fault {
         Some(Fault::MalformedJson) => {
-            log_result(&path.name, &result);
+            tracing::warn!(endpoint = %path.name, "replacing the response with a body that is not JSON");
             Dispatched::Response(malformed_response())
         }
         Some(Fault::DropField(field)) => {
@@ -397,14 +402,16 @@ fn parse_query(query: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn log_result(endpoint: &str, result: &Result<Value, ApiError>) {
+/// Logs a call with the client that made it (`X-ClearML-Client`, else `User-Agent`), as the server does:
+/// success at debug level, 4xx as a warning and 5xx as an error.
+fn log_result(endpoint: &str, client: &str, result: &Result<Value, ApiError>) {
     match result {
-        Ok(_) => tracing::debug!(endpoint, "call succeeded"),
+        Ok(_) => tracing::debug!(endpoint, client, "call succeeded"),
         Err(error) if error.code >= 500 => {
-            tracing::error!(endpoint, code = error.code, subcode = error.subcode, msg = %error.msg, "call failed")
+            tracing::error!(endpoint, client, code = error.code, subcode = error.subcode, msg = %error.msg, "call failed")
         }
         Err(error) => {
-            tracing::warn!(endpoint, code = error.code, subcode = error.subcode, msg = %error.msg, "call rejected")
+            tracing::warn!(endpoint, client, code = error.code, subcode = error.subcode, msg = %error.msg, "call rejected")
         }
     }
 }
