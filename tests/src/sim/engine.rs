@@ -321,6 +321,8 @@ impl World {
         );
     }
 
+    /// Puts a task in the queue and hands it to an idle instance if there is one, as an agent polling the queue
+    /// would within seconds.
     fn enqueue(&mut self, task: usize, at_head: bool) {
         self.tasks[task].queued_since = self.now;
         if at_head {
@@ -328,14 +330,16 @@ impl World {
         } else {
             self.queue.push_back(task);
         }
+
+        while let (Some(_), Some(&index)) = (self.queue.front(), self.idle.first()) {
+            let next = self.queue.pop_front().expect("the queue is not empty");
+            self.start(next, index);
+        }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Arrival(task) => match self.idle.pop_first() {
-                Some(index) => self.start(task, index),
-                None => self.enqueue(task, false),
-            },
+            Event::Arrival(task) => self.enqueue(task, false),
             Event::Registered(index) => {
                 if self.instances[index].state == SimState::Booting {
                     self.offer_work(index);
