@@ -17,7 +17,7 @@ const SDK_DEADLINE: Duration = Duration::from_secs(90);
 /// The agent starts, registers, pulls, runs the task in a subprocess and reports back, about 10-20 s here.
 const AGENT_DEADLINE: Duration = Duration::from_secs(180);
 /// Endpoints the clients call that the open-source clearml-server does not implement either, so the 404 they
-/// get is the real server's answer.
+/// get is what the real server returns.
 const ABSENT_FROM_OPEN_SOURCE_SERVER: &[&str] = &["workers.get_runtime_properties"];
 /// The line `tests/python/hello_task.py` prints, with the parameter it read back through `Task.connect`.
 const TASK_MARKER: &str = "fleet-conformance-task-ran steps=3";
@@ -78,7 +78,7 @@ agent {{
     path
 }
 
-/// A command with a clean environment: only the venv, the test directory as home and the closed proxy.
+/// Builds a command with a clean environment: only the venv, the test directory as home and the closed proxy.
 fn client_command(program: &Path, dir: &TestDir, conf: &Path) -> Command {
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp)
@@ -300,7 +300,10 @@ async fn agent_pulls_runs_and_completes_task() {
     assert_eq!(worker.task, None, "the worker reports idle after the task");
 
     let steps = &task.document["hyperparams"]["General"]["steps"];
-    assert_eq!(steps["value"], "3", "Task.connect in the task stored its parameters: {steps}");
+    assert_eq!(
+        steps["value"], "3",
+        "Task.connect in the task stored its parameters: {steps}"
+    );
 
     let log = emulator.task_log(&task_id).join("");
     assert!(

@@ -1,4 +1,4 @@
-//! The ClearML API emulator over HTTP: the server's envelope and error answers, authentication, FIFO queues
+//! The ClearML API emulator over HTTP: the server's envelope and error responses, authentication, FIFO queues
 //! with an atomic `queues.get_next_task`, worker expiry on tokio's clock, the task status machine and injected
 //! faults.
 
@@ -627,6 +627,76 @@ async fn delay_fault_holds_the_response() {
     assert!(
         started.elapsed() >= Duration::from_secs(30),
         "the response waited for the injected delay"
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn binary_takes_keys_from_environment() {
+    use fleet_tests::harness::{ChildProcess, TestDir, free_port, wait_until_async};
+
+    let dir = TestDir::new("emulator-binary").unwrap();
+    let port = free_port();
+    let secret = "binary-secret-never-logged";
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_clearml-emulator"));
+    command
+        .args([
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--worker-timeout-secs",
+            "30",
+        ])
+        .env("CLEARML_API_ACCESS_KEY", "binary-access")
+        .env("CLEARML_API_SECRET_KEY", secret)
+        .env("RUST_LOG", "debug");
+    let mut emulator = ChildProcess::spawn("clearml-emulator", command, dir.path()).unwrap();
+
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/auth.login");
+    let login = || async {
+        let response = http
+            .post(&url)
+            .basic_auth("binary-access", Some(secret))
+            .send()
+            .await;
+        response.is_ok_and(|r| r.status() == 200)
+    };
+    if let Err(error) = wait_until_async(
+        Duration::from_secs(30),
+        "clearml-emulator to accept auth.login",
+        login,
+    )
+    .await
+    {
+        panic!("{error}\n{}", emulator.log_tail(20));
+    }
+
+    emulator.kill();
+    let logs = emulator.log_tail(1000);
+    assert!(
+        logs.contains("ClearML API emulator listening"),
+        "the binary logs its start:\n{logs}"
+    );
+    assert!(
+        !logs.contains(secret),
+        "the secret key appears in the log:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn missing_required_field_is_named() {
+    let emulator = start_emulator().await;
+    let api = Api::login(&emulator).await;
+
+    let (status, envelope) = api.call("queues.get_next_task", json!({})).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        meta(&envelope),
+        (400, 11, "missing required fields: missing=(queue)")
+    );
+    assert_eq!(
+        envelope["meta"]["error_data"],
+        json!({ "missing": ["queue"] })
     );
     emulator.shutdown().await;
 }

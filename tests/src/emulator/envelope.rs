@@ -91,13 +91,14 @@ pub(crate) mod errors {
 
     type Kwargs<'a> = &'a [(&'a str, Value)];
 
+    /// The server's `validate_required_fields` error, which names the missing fields in a `missing` list.
     pub fn missing_required_fields(field: &str) -> ApiError {
         ApiError::new(
             400,
             11,
             "missing required fields",
             None,
-            &[("field", Value::from(field))],
+            &[("missing", Value::from(vec![field]))],
         )
     }
     pub fn validation_error(extra: &str) -> ApiError {

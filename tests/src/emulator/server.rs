@@ -71,7 +71,8 @@ impl Shared {
     }
 }
 
-/// Returns an endpoint's minimum API version (as declared in clearml-server's services) and handler.
+/// Returns an endpoint's minimum API version (its `min_version` in clearml-server's `apiserver/services/`, "1.0"
+/// when none is declared) and its handler.
 fn lookup(name: &str) -> Option<(&'static str, Handler)> {
     let endpoint: (&str, Handler) = match name {
         "queues.create" => ("2.4", queues::create),
@@ -116,11 +117,11 @@ fn lookup(name: &str) -> Option<(&'static str, Handler)> {
         "tasks.publish" => ("1.0", tasks::publish),
         "tasks.ping" => ("1.0", tasks::ping),
         "tasks.delete" => ("1.0", tasks::delete),
-        "tasks.edit_hyper_params" => ("2.9", tasks::edit_hyper_params),
-        "tasks.get_hyper_params" => ("2.9", tasks::get_hyper_params),
-        "tasks.edit_configuration" => ("2.9", tasks::edit_configuration),
-        "tasks.get_configurations" => ("2.9", tasks::get_configurations),
-        "tasks.get_configuration_names" => ("2.9", tasks::get_configuration_names),
+        "tasks.edit_hyper_params" => ("1.0", tasks::edit_hyper_params),
+        "tasks.get_hyper_params" => ("1.0", tasks::get_hyper_params),
+        "tasks.edit_configuration" => ("1.0", tasks::edit_configuration),
+        "tasks.get_configurations" => ("1.0", tasks::get_configurations),
+        "tasks.get_configuration_names" => ("1.0", tasks::get_configuration_names),
         "tasks.set_requirements" => ("1.0", tasks::set_requirements),
         "tasks.add_or_update_artifacts" => ("2.10", tasks::add_or_update_artifacts),
         "tasks.delete_artifacts" => ("2.10", tasks::delete_artifacts),
@@ -135,14 +136,14 @@ fn lookup(name: &str) -> Option<(&'static str, Handler)> {
 
         "users.get_current_user" => ("1.0", misc::get_current_user),
         "events.add_batch" => ("1.0", misc::add_batch),
-        "events.get_task_log" => ("1.0", misc::get_task_log),
+        "events.get_task_log" => ("1.7", misc::get_task_log),
         "server.info" => ("1.0", misc::server_info),
         _ => return None,
     };
     Some(endpoint)
 }
 
-/// Whether `name` is an endpoint the emulator answers, including `auth.login`.
+/// Returns whether the emulator implements endpoint `name`, `auth.login` included.
 pub(crate) fn is_known(name: &str) -> bool {
     name == "auth.login" || lookup(name).is_some()
 }

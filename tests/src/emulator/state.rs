@@ -237,7 +237,7 @@ pub(crate) mod filters {
     use super::Object;
     use crate::emulator::envelope::ApiError;
 
-    /// A `name` filter is a case-sensitive regular expression search, as the server's pattern fields are.
+    /// Matches a `name` filter, a case-sensitive regular expression search as the server's pattern fields do.
     pub fn matches_pattern(pattern: &str, value: &str) -> Result<bool, ApiError> {
         let regex = regex::Regex::new(pattern).map_err(|e| {
             ApiError::new(

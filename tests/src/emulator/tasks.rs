@@ -546,7 +546,7 @@ pub(crate) fn stop(state: &mut State, call: &Call) -> Result<Value, ApiError> {
     change_status(state.task_mut(task_id)?, &change, Object::new(), call.now)
 }
 
-/// The shared body of `tasks.started`, `completed`, `failed`, `stopped`, `close` and `publish`.
+/// Applies the status change of `tasks.started`, `completed`, `failed`, `stopped`, `close` and `publish`.
 fn set_status(
     state: &mut State,
     call: &Call,
