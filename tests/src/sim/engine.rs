@@ -417,7 +417,13 @@ pub struct Outcome {
     pub min_billed_s: f64,
 }
 
-/// Runs `autoscaler` on `trace` until every task finished or was lost and every instance is terminated.
+/// Time the run goes on after the last task ended, for instances that a warm pool keeps; without a warm pool
+/// both autoscalers release every instance well within it (max idle plus one poll).
+const TAIL_AFTER_LAST_TASK_S: f64 = 3600.0;
+
+/// Runs `autoscaler` on `trace` until every task finished or was lost and every instance is terminated, or until
+/// `TAIL_AFTER_LAST_TASK_S` after the last task ended, whichever comes first. Instances still up then are billed
+/// until that moment.
 ///
 /// Tasks still queued or running at a safety horizon (the last arrival plus the sum of all run times plus a week,
 /// which any autoscaler with one instance would beat) count as lost.
@@ -442,8 +448,15 @@ pub fn run(
         last_arrival + trace.tasks.iter().map(|task| task.runtime_s).sum::<f64>() + 7.0 * 86_400.0;
 
     world.schedule(0.0, Event::Wake);
+    let mut last_task_ended = None;
     while let Some(next) = world.events.pop() {
         if next.at > horizon {
+            break;
+        }
+        if let Some(ended) = last_task_ended
+            && next.at > ended + TAIL_AFTER_LAST_TASK_S
+        {
+            world.now = ended + TAIL_AFTER_LAST_TASK_S;
             break;
         }
         world.now = next.at;
@@ -454,6 +467,9 @@ pub fn run(
         }
         if world.finished() {
             break;
+        }
+        if last_task_ended.is_none() && world.finished_or_lost == world.tasks.len() {
+            last_task_ended = Some(world.now);
         }
     }
 
