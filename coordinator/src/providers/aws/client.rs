@@ -1,5 +1,7 @@
 //! Builds the EC2 client: region, credentials, endpoint, timeouts, and no SDK retries.
 
+use std::path::Path;
+
 use aws_config::BehaviorVersion;
 use aws_config::meta::credentials::CredentialsProviderChain;
 use aws_config::retry::RetryConfig;
@@ -37,6 +39,15 @@ pub async fn build_client(config: &AwsConfig) -> Result<aws_sdk_ec2::Client, Pro
             access_key_id_var,
             secret_access_key_var,
             session_token_var.as_deref(),
+        )?),
+        CredentialsSource::Files {
+            access_key_id_file,
+            secret_access_key_file,
+            session_token_file,
+        } => loader.credentials_provider(credentials_from_files(
+            access_key_id_file,
+            secret_access_key_file,
+            session_token_file.as_deref(),
         )?),
         CredentialsSource::DefaultChain if config.endpoint_url.is_some() => {
             // Off AWS the instance metadata service does not exist and the full default chain would spend
@@ -81,5 +92,34 @@ fn credentials_from_env(
         session_token,
         None,
         "fleet-environment",
+    ))
+}
+
+/// Reads static credentials from files; the error names the file, never its content.
+fn credentials_from_files(
+    access_key_id_file: &Path,
+    secret_access_key_file: &Path,
+    session_token_file: Option<&Path>,
+) -> Result<Credentials, ProviderError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|error| ProviderError::InvalidConfig {
+                provider: "aws".to_owned(),
+                reason: format!(
+                    "failed to read credentials file {}: {error}; check the path and its permissions",
+                    path.display()
+                ),
+            })
+    };
+    let access_key_id = read(access_key_id_file)?;
+    let secret_access_key = read(secret_access_key_file)?;
+    let session_token = session_token_file.map(read).transpose()?;
+    Ok(Credentials::new(
+        access_key_id,
+        secret_access_key,
+        session_token,
+        None,
+        "fleet-files",
     ))
 }

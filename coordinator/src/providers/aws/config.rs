@@ -19,6 +19,13 @@ pub enum CredentialsSource {
         secret_access_key_var: String,
         session_token_var: Option<String>,
     },
+    /// The access key, secret key and optional session token are read from these files (for example mounted
+    /// Kubernetes secrets). Surrounding whitespace is ignored.
+    Files {
+        access_key_id_file: std::path::PathBuf,
+        secret_access_key_file: std::path::PathBuf,
+        session_token_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// A subnet launches may use, with its availability zone.
