@@ -104,15 +104,17 @@ fn client_command(program: &Path, dir: &TestDir, conf: &Path) -> Command {
     command
 }
 
-/// Runs `tests/python/enqueue_task.py` and returns the id of the task it created.
+/// Runs `tests/python/enqueue_task.py` for `script` (a file in `tests/python/`) and returns the id of the task
+/// it created.
 async fn enqueue_with_sdk(
     dir: &TestDir,
     conf: &Path,
-    project: &str,
     task_name: &str,
     queue: &str,
+    script: &str,
 ) -> String {
-    let script = python_dir().join("hello_task.py");
+    let project = "fleet-conformance";
+    let script = python_dir().join(script);
     let mut command = client_command(&venv_bin("python"), dir, conf);
     command
         .arg(python_dir().join("enqueue_task.py"))
@@ -173,14 +175,7 @@ async fn sdk_creates_and_enqueues_task() {
     let conf = write_clearml_conf(&dir, &emulator, &config);
 
     let started = Instant::now();
-    let task_id = enqueue_with_sdk(
-        &dir,
-        &conf,
-        "fleet-conformance",
-        "sdk-enqueued",
-        "sdk-queue",
-    )
-    .await;
+    let task_id = enqueue_with_sdk(&dir, &conf, "sdk-enqueued", "sdk-queue", "hello_task.py").await;
     eprintln!(
         "clearml SDK created and enqueued task {task_id} in {:?}",
         started.elapsed()
@@ -206,7 +201,7 @@ async fn sdk_creates_and_enqueues_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_pulls_runs_and_completes_task() {
+async fn agent_runs_tasks_and_unregisters() {
     init_tracing();
     require_venv();
     let dir = TestDir::new("agent-run").unwrap();
@@ -216,8 +211,7 @@ async fn agent_pulls_runs_and_completes_task() {
         .unwrap();
     let queue = emulator.create_queue("agent-queue");
     let conf = write_clearml_conf(&dir, &emulator, &config);
-    let task_id =
-        enqueue_with_sdk(&dir, &conf, "fleet-conformance", "agent-run", "agent-queue").await;
+    let task_id = enqueue_with_sdk(&dir, &conf, "agent-run", "agent-queue", "hello_task.py").await;
 
     let worker_id = "fleet-conformance:local:agent-1";
     let python = venv_bin("python");
@@ -310,8 +304,47 @@ async fn agent_pulls_runs_and_completes_task() {
         log.contains(TASK_MARKER),
         "the task's console output reached the emulator:\n{log}"
     );
-    assert_eq!(unexpected_unknown_calls(&emulator), Vec::<String>::new());
 
-    agent.kill();
+    // A task whose script exits non-zero ends as failed.
+    let failing_id =
+        enqueue_with_sdk(&dir, &conf, "agent-fail", "agent-queue", "failing_task.py").await;
+    let failed = wait_until(
+        AGENT_DEADLINE,
+        &format!("task {failing_id} to fail and worker {worker_id} to idle"),
+        || {
+            let task_failed = emulator
+                .task(&failing_id)
+                .is_some_and(|t| t.status == "failed");
+            let worker_idle = emulator
+                .workers()
+                .iter()
+                .any(|w| w.id == worker_id && w.task.is_none());
+            task_failed && worker_idle || agent.exit_status().is_some()
+        },
+    )
+    .await;
+    if let Err(error) = failed {
+        panic!(
+            "{error}\n{:?}\n{}",
+            emulator.task(&failing_id),
+            agent.log_tail(60)
+        );
+    }
+    let failing = emulator.task(&failing_id).unwrap();
+    assert_eq!(failing.status, "failed", "{}", agent.log_tail(60));
+    assert_eq!(failing.last_worker.as_deref(), Some(worker_id));
+
+    // On SIGTERM the agent unregisters its worker before it exits.
+    agent.terminate();
+    let stopped = wait_until(
+        AGENT_DEADLINE,
+        &format!("clearml-agent to exit and unregister worker {worker_id}"),
+        || agent.exit_status().is_some() && emulator.workers().is_empty(),
+    )
+    .await;
+    if let Err(error) = stopped {
+        panic!("{error}\n{:?}\n{}", emulator.workers(), agent.log_tail(60));
+    }
+    assert_eq!(unexpected_unknown_calls(&emulator), Vec::<String>::new());
     emulator.shutdown().await;
 }

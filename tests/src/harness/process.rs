@@ -84,6 +84,18 @@ impl ChildProcess {
         tail
     }
 
+    /// Sends SIGTERM to the child alone, so it can shut down cleanly and stop its own children.
+    pub fn terminate(&self) {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        tracing::info!(process = %self.name, pid, "sending SIGTERM");
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+
     /// Kills the process group with SIGKILL and reaps the child.
     pub fn kill(&mut self) {
         if self.exit_status().is_none() {
