@@ -700,3 +700,14 @@ async fn missing_required_field_is_named() {
     );
     emulator.shutdown().await;
 }
+
+#[test]
+fn config_debug_redacts_secret() {
+    let config = EmulatorConfig {
+        secret_key: "do-not-print".to_owned(),
+        ..EmulatorConfig::default()
+    };
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("do-not-print"), "{printed}");
+    assert!(printed.contains("fleet-test-access"), "{printed}");
+}

@@ -8,7 +8,7 @@ use clap::Parser;
 use fleet_tests::emulator::{Emulator, EmulatorConfig};
 
 /// An in-memory emulator of the ClearML server REST API (queues, workers, tasks, projects).
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "clearml-emulator", version)]
 struct Args {
     /// Address to listen on; port 0 picks a free port.

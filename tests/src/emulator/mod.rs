@@ -26,8 +26,8 @@ use tokio::task::JoinHandle;
 
 use server::Shared;
 
-/// Settings of an emulator instance.
-#[derive(Debug, Clone)]
+/// Settings of an emulator instance. Its `Debug` output redacts the secret key.
+#[derive(Clone)]
 pub struct EmulatorConfig {
     /// The access key `auth.login` accepts.
     pub access_key: String,
@@ -35,6 +35,16 @@ pub struct EmulatorConfig {
     pub secret_key: String,
     /// Registration timeout of a worker that registers without one (the server's default is 600 s).
     pub worker_timeout: Duration,
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .field("worker_timeout", &self.worker_timeout)
+            .finish()
+    }
 }
 
 impl Default for EmulatorConfig {
@@ -50,7 +60,7 @@ impl Default for EmulatorConfig {
 /// A failure injected into the next calls of one endpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// HTTP 500 with the server's envelope (`result_code` 500, subcode 0); the endpoint does not run.
+    /// HTTP 500 with the server's envelope (`result_code` 500, subcode 0). The endpoint does not run.
     ServerError,
     /// The endpoint runs after this delay.
     Delay(Duration),
@@ -96,7 +106,7 @@ pub struct WorkerView {
     pub id: String,
     /// Ids of the queues the worker listens to.
     pub queues: Vec<String>,
-    /// The task the worker last reported running; `None` when idle.
+    /// The task the worker last reported running, or `None` when it is idle.
     pub task: Option<String>,
     pub last_activity: DateTime<Utc>,
 }
