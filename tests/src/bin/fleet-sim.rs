@@ -79,6 +79,10 @@ struct Args {
     #[arg(long, default_value = "15s", value_parser = parse_seconds)]
     clearml_waiter_delay: f64,
 
+    /// Time of the ClearML API calls of one poll of the ClearML autoscaler.
+    #[arg(long, default_value = "1s", value_parser = parse_seconds)]
+    clearml_api_calls: f64,
+
     /// Median time from launch call to the running state.
     #[arg(long, default_value = "20s", value_parser = parse_seconds)]
     pending_median: f64,
@@ -154,6 +158,7 @@ fn main() -> anyhow::Result<()> {
             poll_s: args.clearml_poll.max(0.001),
             max_spin_up_s: args.clearml_max_spin_up,
             waiter_delay_s: args.clearml_waiter_delay.max(0.001),
+            api_calls_s: args.clearml_api_calls,
         },
     };
     let options = TraceOptions {

@@ -31,6 +31,9 @@ pub struct ClearmlSettings {
     pub max_spin_up_s: f64,
     /// Delay of boto3's `instance_running` waiter between two DescribeInstances calls.
     pub waiter_delay_s: f64,
+    /// Time of the ClearML API calls of one poll (`queues.get_all`, `workers.get_all`, `queues.get_by_id`), which
+    /// delays the spin-down step and the next poll.
+    pub api_calls_s: f64,
 }
 
 impl Default for ClearmlSettings {
@@ -39,6 +42,7 @@ impl Default for ClearmlSettings {
             poll_s: 300.0,
             max_spin_up_s: 1800.0,
             waiter_delay_s: 15.0,
+            api_calls_s: 1.0,
         }
     }
 }
@@ -230,14 +234,10 @@ impl Autoscaler for ClearmlModel {
         match std::mem::replace(&mut self.phase, Phase::Poll) {
             Phase::Poll => {
                 let (launches_return_at, required_idle_resources) = self.poll(world);
-                if launches_return_at > world.now {
-                    self.phase = Phase::SpinDown {
-                        required_idle_resources,
-                    };
-                    return launches_return_at;
-                }
-                self.spin_down(world, &required_idle_resources);
-                world.now + self.settings.poll_s
+                self.phase = Phase::SpinDown {
+                    required_idle_resources,
+                };
+                launches_return_at + self.settings.api_calls_s
             }
             Phase::SpinDown {
                 required_idle_resources,
