@@ -69,7 +69,7 @@ fn check_request<'a>(
         return Err(RefuseReason::TasksWaiting(waiting));
     }
 
-    // An instance of a queue that is no longer configured serves nobody, so nothing keeps it.
+    // An instance of a queue that is no longer configured serves no queue, so no rule keeps it.
     let Some(queue) = config.queue(instance.queue) else {
         return Ok(instance.queue);
     };

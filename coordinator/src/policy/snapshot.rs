@@ -1,4 +1,4 @@
-//! What the policy sees of the fleet at one moment.
+//! The state of the fleet at one moment, which the policy decides on.
 //!
 //! The snapshot borrows its names from the caller's records, so building one per tick costs no string copies.
 
@@ -8,8 +8,8 @@ use crate::policy::backoff::OfferingBackoff;
 
 /// The state of every queue and non-terminated instance at `now`.
 ///
-/// All times are offsets from one epoch that the caller picks (wall-clock time in the coordinator, zero in the
-/// simulator); the policy only compares them with each other.
+/// All times are offsets from one epoch that the caller picks, such as wall-clock time in the coordinator or zero in
+/// the simulator. The policy only compares them with each other.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot<'a> {
     pub now: Duration,

@@ -7,7 +7,7 @@ use super::*;
 const MINUTE: Duration = Duration::from_secs(60);
 const NOW: Duration = Duration::from_secs(10 * 3600);
 
-/// One queue "gpu" with the given (resource, max_instances) in priority order. Each resource has one offering
+/// Builds one queue "gpu" with the given (resource, max_instances) in priority order. Each resource has one offering
 /// named `<resource>/offering` at 1 USD per hour, and no other limit binds.
 fn config(resources: &[(&str, u32)]) -> PolicyConfig {
     PolicyConfig {
@@ -37,7 +37,7 @@ fn config(resources: &[(&str, u32)]) -> PolicyConfig {
     }
 }
 
-/// An instance of queue "gpu" that entered `state` a minute ago and has a fresh heartbeat.
+/// Builds an instance of queue "gpu" that entered `state` a minute ago and has a fresh heartbeat.
 fn instance(
     id: &'static str,
     resource: &'static str,

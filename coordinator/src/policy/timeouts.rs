@@ -17,9 +17,11 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
-    /// A cloud call that has not returned in 5 min has failed. GPU images that pull containers at boot can take
-    /// 10 min to register, so the boot timeout is 15 min. Agents send a heartbeat every 30 s, so 2 min is four
-    /// missed beats.
+    /// Returns 5 min for the launch, 15 min for boot and registration, and 2 min between heartbeats.
+    ///
+    /// NOTE: 5 min and 2 min are estimates. A cloud call without an id after 5 min is assumed failed, and 2 min
+    /// assumes agents send heartbeats several times a minute. The 15 min leave room for images that pull
+    /// containers at boot.
     fn default() -> Self {
         Self {
             launch: Duration::from_secs(5 * 60),

@@ -6,7 +6,7 @@
 //! 1. Workers that registered are removed from `spun_workers`.
 //! 2. Instances spun up longer than `max_spin_up_time_min` ago that never registered are spun down.
 //! 3. `idle_workers` gains every worker without a task that it does not hold yet, stamped with the poll time, and
-//!    loses every worker that has a task. The stamp is kept until a poll sees the worker busy, so a worker that
+//!    loses every worker that has a task. The stamp is kept until a poll finds the worker busy, so a worker that
 //!    ran a task between two polls keeps its old stamp.
 //! 4. If the queue has entries, the idle and spun-up workers of its resources are the free supply and
 //!    `spin_up_count = entries - free`. For each resource in order, while fewer than `spin_up_count` are

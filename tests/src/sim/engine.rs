@@ -368,7 +368,7 @@ impl World {
     }
 
     /// Applies a spot interruption notice. With re-enqueueing agents the running task goes back to the head of
-    /// the queue and the instance takes no more tasks; otherwise the instance runs on until it is reclaimed.
+    /// the queue and the instance takes no more tasks. Otherwise the instance runs on until it is reclaimed.
     fn interruption_notice(&mut self, index: usize) {
         let state = self.instances[index].state;
         if matches!(state, SimState::Terminating | SimState::Terminated)
@@ -417,8 +417,8 @@ pub struct Outcome {
     pub min_billed_s: f64,
 }
 
-/// Time the run goes on after the last task ended, for instances that a warm pool keeps; without a warm pool
-/// both autoscalers release every instance well within it (max idle plus one poll).
+/// Time the run goes on after the last task ended, for instances that a warm pool keeps. Without a warm pool
+/// both autoscalers release every instance well within it, after max idle plus at most one poll.
 const TAIL_AFTER_LAST_TASK_S: f64 = 3600.0;
 
 /// Runs `autoscaler` on `trace` until every task finished or was lost and every instance is terminated, or until

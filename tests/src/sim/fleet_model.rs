@@ -219,7 +219,7 @@ impl Autoscaler for FleetModel {
     }
 
     /// Runs the policy, and after a capacity error runs it again in the same tick so the shortfall moves to the
-    /// next offering; there are at most as many reruns as offerings.
+    /// next offering. There are at most as many reruns as offerings.
     fn wake(&mut self, world: &mut World) -> f64 {
         let now = Duration::from_secs_f64(world.now);
         self.backoffs.retain(|backoff| backoff.is_active(now));

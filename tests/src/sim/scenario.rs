@@ -29,9 +29,10 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// Builds the default comparison: a GPU queue served by spot instances first, then on-demand ones, priced like
-    /// AWS g5.xlarge in us-east-1 (on-demand 1.006 USD per hour; spot about 0.40 USD per hour, an estimate because
-    /// spot prices move).
+    /// Builds the default comparison: a GPU queue served by spot instances first, then on-demand ones.
+    ///
+    /// Prices are those of AWS g5.xlarge in us-east-1: 1.006 USD per hour on demand, and about 0.40 USD per hour
+    /// on spot, an estimate because spot prices move.
     pub fn gpu_queue(max_spot: u32, max_on_demand: u32, max_idle_s: f64) -> Self {
         Self {
             queue: "gpu".to_string(),
