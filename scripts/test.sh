@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need first, when it is missing:
-#   - etcd (Debian package etcd-server),
+#   - etcd and protoc (Debian packages etcd-server and protobuf-compiler),
 #   - a Python venv at $FLEET_VENV (default ~/.cache/clearml-fleet/venv) with the pinned packages of
 #     scripts/requirements-test.txt: moto's EC2 server, the clearml SDK and clearml-agent.
 # Build output goes to $CARGO_TARGET_DIR (default ~/.cache/clearml-fleet/target), outside the clone, so
@@ -17,25 +17,31 @@ requirements="$repo_dir/scripts/requirements-test.txt"
 log() { printf '[test.sh] %s\n' "$*"; }
 fail() { printf '[test.sh] error: %s\n' "$*" >&2; exit 1; }
 
-install_etcd() {
-    if command -v etcd >/dev/null 2>&1; then
+# Installs the Debian packages behind the commands that are missing: etcd-server for `etcd`, and
+# protobuf-compiler for `protoc`, which the etcd client's build script runs.
+install_system_packages() {
+    local packages=()
+    command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+    command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+    if [ ${#packages[@]} -eq 0 ]; then
         log "etcd present: $(etcd --version | head -n1)"
+        log "protoc present: $(protoc --version)"
         return
     fi
-    [ -f /etc/debian_version ] || fail "etcd is missing and this is not Debian; install etcd 3.4+ so that 'etcd' is on PATH"
+    [ -f /etc/debian_version ] || fail "missing ${packages[*]} and this is not Debian; install etcd 3.4+ and protoc so both are on PATH"
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "etcd is missing; run as root or install the Debian package etcd-server"
+        command -v sudo >/dev/null 2>&1 || fail "missing Debian packages ${packages[*]}; run as root or install them"
         sudo="sudo"
     fi
-    log "installing etcd-server with apt-get"
+    log "installing ${packages[*]} with apt-get"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
-    # The package starts a system etcd on the default ports; tests start their own on free ports.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    # The etcd package may start a system etcd on the default ports; tests start their own on free ports.
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
         $sudo systemctl stop etcd || true
     fi
-    log "installed: $(etcd --version | head -n1)"
+    log "installed ${packages[*]}: $(etcd --version | head -n1), $(protoc --version)"
 }
 
 install_venv() {
@@ -57,7 +63,7 @@ install_venv() {
 }
 
 command -v cargo >/dev/null 2>&1 || fail "cargo is missing; install Rust 1.94 or newer with rustup"
-install_etcd
+install_system_packages
 install_venv
 
 cd "$repo_dir"

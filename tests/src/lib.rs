@@ -3,6 +3,7 @@
 
 pub mod ec2;
 pub mod emulator;
+pub mod etcd;
 pub mod fake_worker;
 pub mod harness;
 pub mod node;
