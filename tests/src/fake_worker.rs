@@ -183,7 +183,8 @@ async fn run_task(
         }
     };
 
-    let started = StatusChange::new(task_id).with_message("worker", "started by fake-clearml-worker");
+    let started =
+        StatusChange::new(task_id).with_message("worker", "started by fake-clearml-worker");
     if let Err(err) = client.tasks().started(&started).await {
         warn!(worker = %config.worker_id, task = %task_id, error = %err, "marking the task started failed; skipping it");
         summary.tasks_failed += 1;
@@ -236,11 +237,14 @@ async fn finish_task(
     summary: &mut FakeWorkerSummary,
 ) {
     let result = if exit_code == 0 {
-        let change = StatusChange::new(task_id).with_message("worker", "completed by fake-clearml-worker");
+        let change =
+            StatusChange::new(task_id).with_message("worker", "completed by fake-clearml-worker");
         client.tasks().completed(&change).await
     } else {
         let message = format!("fake-clearml-worker: task exited with code {exit_code}");
-        let change = StatusChange::new(task_id).forced().with_message("worker", message);
+        let change = StatusChange::new(task_id)
+            .forced()
+            .with_message("worker", message);
         client.tasks().failed(&change).await
     };
 

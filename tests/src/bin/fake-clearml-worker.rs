@@ -15,7 +15,10 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "A fake clearml-agent for scale tests: pulls tasks and waits out their run time")]
+#[command(
+    version,
+    about = "A fake clearml-agent for scale tests: pulls tasks and waits out their run time"
+)]
 struct Args {
     /// ClearML API server URL.
     #[arg(long, env = "CLEARML_API_HOST")]
@@ -51,8 +54,7 @@ struct Args {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -80,7 +82,12 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let client = match std::env::var(&args.secret_key_env)
-        .map_err(|_| format!("environment variable {} with the ClearML secret key is not set", args.secret_key_env))
+        .map_err(|_| {
+            format!(
+                "environment variable {} with the ClearML secret key is not set",
+                args.secret_key_env
+            )
+        })
         .and_then(|secret| {
             ClientConfig::new(&args.api_server, &args.access_key, Secret::new(secret))
                 .and_then(Client::new)
@@ -142,9 +149,10 @@ fn build_config(args: &Args) -> Result<FakeWorkerConfig, String> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install the signal handlers; stop the worker with SIGKILL");
         return std::future::pending().await;
     };
