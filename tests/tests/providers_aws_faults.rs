@@ -106,7 +106,7 @@ async fn capacity_error_moves_launch_to_next_subnet() {
 }
 
 #[tokio::test]
-async fn capacity_error_in_every_zone_moves_to_next_type() {
+async fn capacity_error_moves_launch_to_next_type() {
     let bed = Ec2TestBed::start("capacity_type", 2).await.unwrap();
     let resource = bed.resource(&["m5.large", "m5a.large"]);
     let provider = bed
@@ -151,7 +151,7 @@ async fn capacity_error_in_every_zone_moves_to_next_type() {
 }
 
 #[tokio::test]
-async fn launch_fails_without_calls_when_every_offering_backs_off() {
+async fn launch_in_full_backoff_makes_no_call() {
     let bed = Ec2TestBed::start("capacity_all", 1).await.unwrap();
     let resource = bed.resource(&["m5.large"]);
     let provider = bed
@@ -202,7 +202,7 @@ async fn throttling_is_retried_and_bounded() {
         .unwrap();
 
     assert_eq!(outcome.instances.len(), 1);
-    // The intent lookup (DescribeInstances) took the three throttled answers, then each call went through once.
+    // The intent lookup (DescribeInstances) received the three throttled responses, then each call went through once.
     assert_eq!(bed.proxy.calls("DescribeInstances"), 4);
     assert_eq!(bed.proxy.calls("RunInstances"), 1);
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// What to do about a failed cloud call.
+/// Class of a failed cloud call, which decides the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// No capacity or quota for this offering: back off the offering and try the next one.
@@ -80,7 +80,7 @@ pub fn classify(code: Option<&str>, http_status: Option<u16>) -> ErrorClass {
     ErrorClass::Other
 }
 
-/// A configuration error of one resource: the parameter it names and what the cloud said about it.
+/// A configuration error of one resource: the parameter it names and the cloud's error code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Misconfiguration {
     pub resource: String,

@@ -116,7 +116,7 @@ impl Instance {
     }
 }
 
-/// What to launch: the resource, the queue it serves, the intent that asked for it and extra tags.
+/// Launch request: the resource, the queue it serves, the intent that requested it and extra tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
     pub queue: String,

@@ -116,7 +116,10 @@ pub fn sdk_client(endpoint: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::from_conf(config)
 }
 
-/// Creates a VPC and one subnet in each of the first `zone_count` zones of `REGION`.
+/// Creates a VPC and one /20 subnet in each of the first `zone_count` zones of `REGION`.
+///
+/// A /20 has about 4,000 addresses, enough for the benchmark's fleet in one subnet. When a subnet runs out,
+/// moto 5.2.5 fails RunInstances with an HTML 500 page instead of EC2's InsufficientFreeAddressesInSubnet.
 pub async fn create_subnets(
     client: &aws_sdk_ec2::Client,
     zone_count: usize,
@@ -138,7 +141,7 @@ pub async fn create_subnets(
         let subnet = client
             .create_subnet()
             .vpc_id(&vpc_id)
-            .cidr_block(format!("10.0.{index}.0/24"))
+            .cidr_block(format!("10.0.{}.0/20", index * 16))
             .availability_zone(&zone)
             .send()
             .await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::harness::{ChildProcess, HarnessError, TestDir, free_port, venv_bin, wait_until_async};
 
-/// Time moto's server gets to answer its first request; it imports all of moto at start, which takes seconds.
+/// Time moto's server gets to respond to its first request. It imports all of moto at start, which takes seconds.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running `moto_server`, killed when dropped.
@@ -16,7 +16,7 @@ pub struct MotoServer {
 }
 
 impl MotoServer {
-    /// Starts `moto_server -H 127.0.0.1 -p PORT` with its logs in `dir` and waits until it answers.
+    /// Starts `moto_server -H 127.0.0.1 -p PORT` with its logs in `dir` and waits until it responds.
     pub async fn start(dir: &TestDir) -> Result<MotoServer, HarnessError> {
         let port = free_port();
         let mut command = Command::new(venv_bin("moto_server"));

@@ -6,7 +6,7 @@
 //!
 //! moto 5.2.5 stores RunInstances' ClientToken but launches again on every repeat. EC2 documents that a repeated
 //! token with the same parameters returns the first call's reservation, and with other parameters fails with
-//! IdempotentParameterMismatch; the proxy does both, reading the first reservation back from moto.
+//! IdempotentParameterMismatch. The proxy does both, and reads the first reservation back from moto.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -46,7 +46,7 @@ pub struct FaultRule {
 }
 
 impl FaultRule {
-    /// An EC2 error with the HTTP status EC2 uses for `code` (see `ec2_status`).
+    /// Creates a rule that returns an EC2 error with the HTTP status EC2 uses for `code` (see `ec2_status`).
     pub fn error(action: &str, code: &str) -> Self {
         Self::new(
             action,
@@ -58,7 +58,7 @@ impl FaultRule {
         )
     }
 
-    /// A canned response.
+    /// Creates a rule that returns a canned response.
     pub fn respond(action: &str, status: u16, body: &str) -> Self {
         Self::new(
             action,
@@ -69,7 +69,7 @@ impl FaultRule {
         )
     }
 
-    /// Added latency.
+    /// Creates a rule that adds latency.
     pub fn delay(action: &str, delay: Duration) -> Self {
         Self::new(action, Fault::Delay(delay))
     }
@@ -262,7 +262,7 @@ impl FaultProxy {
             .collect()
     }
 
-    /// Sets every call count to zero and forgets the recorded requests.
+    /// Sets every call count to zero and clears the recorded requests.
     pub fn reset_calls(&self) {
         lock(&self.shared.calls).clear();
         lock(&self.shared.requests).clear();

@@ -7,7 +7,7 @@ use crate::policy::BackoffSchedule;
 use crate::providers::throttle::RetryPolicy;
 use crate::providers::{Market, Offering};
 
-/// Where the provider gets its AWS credentials.
+/// Source of the provider's AWS credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialsSource {
     /// The SDK's default chain: environment, profile files, web identity, container and instance metadata.
@@ -184,7 +184,7 @@ impl AwsConfig {
             resources: BTreeMap::new(),
             prices: Vec::new(),
             // EC2 documents a request bucket of 100 tokens refilled at 20 per second for non-mutating actions
-            // such as DescribeHosts; these defaults stay well below it to leave room for other tools.
+            // such as DescribeHosts. These defaults stay well below it, so other tools keep some room.
             bucket_capacity: 50,
             bucket_refill_per_second: 5.0,
             retry: RetryPolicy::default(),

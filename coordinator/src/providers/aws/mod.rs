@@ -28,7 +28,7 @@ use crate::providers::{
 };
 use request::RunInstancesInput;
 
-/// Longest client token EC2 accepts.
+/// Maximum client token length EC2 accepts.
 const MAX_CLIENT_TOKEN_LEN: usize = 64;
 /// Characters reserved for the offering suffix of derived client tokens (`-999`).
 const TOKEN_SUFFIX_LEN: usize = 4;
@@ -142,7 +142,7 @@ impl AwsProvider {
     }
 
     fn emit(&self, event: ProviderEvent) {
-        // Sending fails only without subscribers, and then nobody is waiting for the event.
+        // Sending fails only when there are no subscribers, so no one waits for the event.
         let _ = self.events.send(event);
     }
 
@@ -688,7 +688,7 @@ mod tests {
     }
 
     #[test]
-    fn invalid_parameter_value_names_the_parameter_from_the_message() {
+    fn invalid_parameter_value_names_parameter() {
         let resource = resource();
         let message = "Value (m5.huge) for parameter instanceType is invalid.";
         let (parameter, value) = misconfigured_parameter(
