@@ -394,3 +394,39 @@ async fn spot_launch_uses_spot_market() {
         Some("0.10")
     );
 }
+
+#[tokio::test]
+async fn describe_follows_pages() {
+    let bed = Ec2TestBed::start("describe_pages", 1).await.unwrap();
+    let mut config = bed.config(BTreeMap::from([(
+        "cpu".to_owned(),
+        bed.resource(&["m5.large"]),
+    )]));
+    config.describe_page_size = 5;
+    let provider = bed.provider(config).await.unwrap();
+    // One launch per instance gives one reservation per instance; moto 5.2.5 pages by reservation.
+    for index in 0..12 {
+        let intent = format!("intent-page-{index}");
+        provider
+            .launch(&request("gpu", &intent), 1, &intent)
+            .await
+            .unwrap();
+    }
+    bed.proxy.reset_calls();
+
+    let described = provider
+        .describe(&TagFilter::cluster(CLUSTER))
+        .await
+        .unwrap();
+
+    assert_eq!(described.len(), 12);
+    assert_eq!(bed.proxy.calls("DescribeInstances"), 3);
+    let pages = bed.proxy.requests("DescribeInstances");
+    assert_eq!(pages[0].get("NextToken"), None);
+    assert!(pages[1].contains_key("NextToken"));
+    assert!(
+        pages
+            .iter()
+            .all(|page| page.get("MaxResults").map(String::as_str) == Some("5"))
+    );
+}
