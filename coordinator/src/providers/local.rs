@@ -363,8 +363,10 @@ impl Drop for LocalProvider {
                 && let Some(pgid) = instance.pgid
             {
                 signal_group(pgid, libc::SIGKILL);
-                // Reaping needs the runtime; a killed child left unreaped is reaped by tokio's orphan queue.
-                let _ = instance.child.start_kill();
+                // Reaping needs the runtime, so a killed child is left to tokio's orphan queue.
+                if let Err(error) = instance.child.start_kill() {
+                    tracing::debug!(%error, "local instance process already gone on provider drop");
+                }
             }
         }
     }
