@@ -121,9 +121,13 @@ impl FaultRule {
     }
 }
 
-/// Returns the HTTP status EC2 sends with an error code: 500 for InsufficientInstanceCapacity and
+/// Returns the HTTP status the proxy sends with an error code: 500 for InsufficientInstanceCapacity and
 /// InsufficientHostCapacity (EC2 reports them as server errors) and InternalError, 503 for RequestLimitExceeded
 /// and Unavailable, 403 for UnauthorizedOperation, 400 for the rest.
+///
+/// NOTE: EC2's error code reference only states 400-series statuses for client errors and 500-series for server
+/// errors, so 503 and 403 are estimates. The provider classifies by code first, so they do not change its
+/// decisions.
 pub fn ec2_status(code: &str) -> u16 {
     match code {
         "InsufficientInstanceCapacity" | "InsufficientHostCapacity" | "InternalError" => 500,
