@@ -38,7 +38,7 @@ pub enum Command {
     },
 }
 
-/// Why the loop ended.
+/// The reason the main loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// The shutdown action ran.
@@ -47,7 +47,7 @@ pub enum Exit {
     Stopped,
 }
 
-/// What the agent learned at registration and the parts it drives.
+/// The agent's registration data and the parts it drives.
 pub struct Agent {
     pub instance_id: String,
     pub worker_id: String,
@@ -91,7 +91,7 @@ pub fn agent_state(gate: &Gate, child: &ChildStatus) -> AgentState {
         AgentState::Draining
     } else if snapshot.held.is_some() {
         AgentState::Busy
-    } else if child.pid.is_none() && child.restarts == 0 {
+    } else if !snapshot.worker_ready {
         AgentState::Starting
     } else {
         AgentState::Idle
@@ -159,6 +159,7 @@ impl Agent {
         let input = CheckInput {
             now,
             idle_since: snapshot.idle_since,
+            busy: snapshot.held.is_some(),
             last_contact: self.contact.last(),
             next_request_at: state.next_request_at,
         };
@@ -223,7 +224,7 @@ impl Agent {
                 } else {
                     self.timeouts.termination_retry
                 };
-                tracing::info!(instance_id = %self.instance_id, reason = %response.reason, retry_after_s = retry.as_secs(), "termination refused; staying");
+                tracing::info!(instance_id = %self.instance_id, reason = %response.reason, retry_after_s = retry.as_secs(), "termination refused; the instance stays");
                 state.next_request_at = Instant::now() + retry;
                 self.open_gate_unless_drained(state);
                 None
@@ -252,11 +253,12 @@ impl Agent {
                 state.drain_requested = true;
                 let held = self.gate.close().await;
                 tracing::info!(instance_id = %self.instance_id, %reason, requeue_running_task, task_id = ?held.as_ref().map(|t| &t.task_id), "shutdown requested");
-                if let Some(task) = held
-                    && requeue_running_task
-                {
+                if requeue_running_task && held.is_some() {
+                    let held = self.gate.take_held();
                     self.supervisor.stop().await;
-                    self.requeue(&task, RequeueReason::AgentShutdown).await;
+                    if let Some(task) = held {
+                        self.requeue(&task, RequeueReason::AgentShutdown).await;
+                    }
                 }
                 state.shutdown_when_idle = Some(reason);
             }
@@ -321,8 +323,11 @@ impl Agent {
                 tokio::time::timeout(self.timeouts.drain_grace, self.gate.wait_until_idle()).await;
             if finished.is_err() {
                 tracing::warn!(instance_id = %self.instance_id, task_id = %task.task_id, "task still running after the drain grace; requeueing it");
+                // Taken before the stop: clearml-agent reports `tasks.stopped` as it exits, which would
+                // release the task from the gate's view before it could be requeued.
+                let held = self.gate.take_held();
                 self.supervisor.stop().await;
-                if let Some(task) = self.gate.take_held() {
+                if let Some(task) = held {
                     self.requeue(&task, RequeueReason::AgentShutdown).await;
                 }
             }
@@ -334,9 +339,10 @@ impl Agent {
 
     /// Stops clearml-agent, unregisters the worker and runs the shutdown action; the gate is already closed.
     async fn power_off(&self, reason: &str) -> Exit {
+        // Callers check that the worker is idle; a task held anyway is requeued rather than dropped.
+        let held = self.gate.take_held();
         self.supervisor.stop().await;
-        if let Some(task) = self.gate.take_held() {
-            // Only reachable if the worker held a task when the caller checked it was idle; never drop it.
+        if let Some(task) = held {
             self.requeue(&task, RequeueReason::AgentShutdown).await;
         }
         self.unregister_worker().await;
@@ -359,6 +365,10 @@ impl Agent {
     async fn unregister_worker(&self) {
         match self.clearml.workers().unregister(&self.worker_id).await {
             Ok(()) => tracing::info!(worker_id = %self.worker_id, "worker unregistered"),
+            // clearml-server's subcode 1004: clearml-agent already unregistered itself as it stopped.
+            Err(error) if error.result_codes() == Some((400, 1004)) => {
+                tracing::info!(worker_id = %self.worker_id, "worker already unregistered by clearml-agent");
+            }
             Err(error) => {
                 tracing::warn!(worker_id = %self.worker_id, %error, "failed to unregister the worker; the server drops it when its registration expires")
             }

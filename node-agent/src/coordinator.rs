@@ -30,7 +30,7 @@ pub enum CoordinatorError {
         message: String,
     },
     #[error(
-        "no coordinator answered the registration of instance {instance_id} within {waited:?} (tried {endpoints}); last error: {last_error}; check coordinator.endpoints and the network"
+        "no coordinator responded to the registration of instance {instance_id} within {waited:?} (tried {endpoints}); last error: {last_error}; check coordinator.endpoints and the network"
     )]
     RegistrationTimedOut {
         instance_id: String,

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::controller::{Agent, Command, agent_state};
 
-/// Lines TailLogs returns when the request asks for 0.
+/// Lines TailLogs returns when the request sets `lines` to 0.
 const DEFAULT_TAIL_LINES: usize = 100;
 
 pub struct NodeAgentService {

@@ -74,13 +74,13 @@ pub fn render(agent: &Agent) -> String {
     metric(
         "busy",
         "gauge",
-        "1 while the worker holds a task.",
+        "Whether the worker runs a task (1) or not (0).",
         f64::from(u8::from(snapshot.held.is_some())),
     );
     metric(
         "draining",
         "gauge",
-        "1 while the gate hands out no tasks.",
+        "Whether the gate is closed and hands out no tasks (1) or open (0).",
         f64::from(u8::from(snapshot.draining)),
     );
     metric(
@@ -122,7 +122,7 @@ pub fn render(agent: &Agent) -> String {
     metric(
         "clearml_agent_crash_loop",
         "gauge",
-        "1 while clearml-agent is in a crash loop.",
+        "Whether clearml-agent is in a crash loop (1) or not (0).",
         f64::from(u8::from(child.crash_loop)),
     );
     metric(
@@ -139,7 +139,7 @@ pub fn render(agent: &Agent) -> String {
     );
     let _ = writeln!(
         text,
-        "# HELP fleet_node_agent_state 1 for the agent's current state."
+        "# HELP fleet_node_agent_state The agent's current state, as a label with value 1."
     );
     let _ = writeln!(text, "# TYPE fleet_node_agent_state gauge");
     let _ = writeln!(

@@ -38,15 +38,17 @@ impl Timeouts {
 #[derive(Debug, Clone, Copy)]
 pub struct CheckInput {
     pub now: Instant,
-    /// When the worker became idle; `None` while it holds a task.
+    /// When the worker became idle; `None` while it runs a task and before clearml-agent first polled.
     pub idle_since: Option<Instant>,
+    /// True while the worker runs a task.
+    pub busy: bool,
     /// Last successful call to the coordinator.
     pub last_contact: Instant,
     /// Earliest time for the next termination request, after a refusal or a failed request.
     pub next_request_at: Instant,
 }
 
-/// What the agent does after a check.
+/// The action a check calls for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckAction {
     Nothing,
@@ -61,8 +63,9 @@ pub enum CheckAction {
 pub fn check(input: CheckInput, timeouts: &Timeouts) -> CheckAction {
     let orphaned = input.now.duration_since(input.last_contact) >= timeouts.orphan_timeout;
     match (input.idle_since, orphaned) {
-        (Some(_), true) => CheckAction::TerminateOrphan,
-        (None, true) => CheckAction::DrainOrphan,
+        _ if orphaned && input.busy => CheckAction::DrainOrphan,
+        // A worker that never polled runs no task either, so an orphan terminates without waiting for it.
+        _ if orphaned => CheckAction::TerminateOrphan,
         (Some(since), false)
             if input.now.duration_since(since) >= timeouts.max_idle
                 && input.now >= input.next_request_at =>
@@ -93,6 +96,7 @@ mod tests {
         let input = |now| CheckInput {
             now,
             idle_since: Some(start),
+            busy: false,
             last_contact: now,
             next_request_at: start,
         };
@@ -118,6 +122,7 @@ mod tests {
         let input = CheckInput {
             now,
             idle_since: Some(start),
+            busy: false,
             last_contact: now,
             next_request_at: now + Duration::from_secs(20),
         };
@@ -132,6 +137,7 @@ mod tests {
         let input = CheckInput {
             now,
             idle_since: None,
+            busy: true,
             last_contact: now,
             next_request_at: start,
         };
@@ -145,6 +151,7 @@ mod tests {
         let early = CheckInput {
             now: Instant::now(),
             idle_since: Some(start),
+            busy: false,
             last_contact: start,
             next_request_at: Instant::now() + Duration::from_secs(999),
         };
@@ -159,9 +166,17 @@ mod tests {
 
         let busy = CheckInput {
             idle_since: None,
+            busy: true,
             ..idle
         };
         assert_eq!(check(busy, &timeouts()), CheckAction::DrainOrphan);
+
+        let starting = CheckInput {
+            idle_since: None,
+            busy: false,
+            ..idle
+        };
+        assert_eq!(check(starting, &timeouts()), CheckAction::TerminateOrphan);
     }
 
     #[test]

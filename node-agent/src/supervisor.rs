@@ -20,7 +20,7 @@ use crate::logs::LogBuffer;
 /// it was running.
 pub type ExitHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// What to run and how.
+/// The program, arguments and environment of clearml-agent.
 #[derive(Clone)]
 pub struct ChildSpec {
     pub program: PathBuf,
@@ -205,7 +205,7 @@ impl RunLoop {
             self.terminate(&mut child, pid).await;
         }
 
-        // Task processes that clearml-agent started may outlive it; none may keep running a task nobody tracks.
+        // Task processes that clearml-agent started may outlive it; none may keep running a task that the gate no longer tracks.
         if let Some(pid) = pid {
             signal_group(pid, libc::SIGKILL);
         }

@@ -1,7 +1,7 @@
 //! The API gate: a local reverse proxy that clearml-agent uses as its ClearML API server.
 //!
-//! The gate forwards every call unchanged and watches two kinds: `queues.get_next_task`, whose answer tells
-//! which task the worker took, and the final task status calls, which tell when it let go. Once closed it
+//! The gate forwards every call unchanged and watches two kinds: `queues.get_next_task`, whose response names
+//! the task the worker took, and the final task status calls, which tell when it let go. Once closed it
 //! answers `queues.get_next_task` with the server's empty result, so the worker takes no new task while a
 //! running one goes on. Closing waits for polls already forwarded, so after [`Gate::close`] returns, the held
 //! task it reports is final until the gate opens again.
@@ -38,6 +38,8 @@ pub struct GateCounters {
 #[derive(Debug, Clone)]
 pub struct GateSnapshot {
     pub draining: bool,
+    /// True once the worker polled; before that clearml-agent is starting.
+    pub worker_ready: bool,
     pub held: Option<HeldTask>,
     pub idle_since: Option<Instant>,
     pub idle_since_unix_ms: i64,
@@ -52,16 +54,16 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Creates an open gate whose worker is idle from now.
+    /// Creates an open gate for a worker that has not polled yet.
     pub fn new() -> Gate {
-        let (state, _) = watch::channel(Tracker::new(Instant::now(), unix_ms_now()));
+        let (state, _) = watch::channel(Tracker::new());
         Gate {
             state,
             counters: Arc::new(GateCounters::default()),
         }
     }
 
-    /// Closes the gate and waits until no forwarded poll is pending; returns the task the worker holds then.
+    /// Closes the gate and waits until no forwarded poll is pending; returns the task the worker runs then.
     ///
     /// A poll forwarded before the close may still hand out a task. Waiting for it makes the result exact:
     /// after this returns, the worker cannot take a task until [`Gate::open`].
@@ -81,7 +83,7 @@ impl Gate {
             .send_modify(|tracker| tracker.set_draining(false));
     }
 
-    /// Waits until the worker holds no task.
+    /// Waits until the worker runs no task.
     pub async fn wait_until_idle(&self) {
         let mut receiver = self.state.subscribe();
         let _ = receiver.wait_for(|tracker| tracker.held().is_none()).await;
@@ -100,6 +102,7 @@ impl Gate {
         let tracker = self.state.borrow();
         GateSnapshot {
             draining: tracker.draining(),
+            worker_ready: tracker.worker_ready(),
             held: tracker.held().cloned(),
             idle_since: tracker.idle_since(),
             idle_since_unix_ms: tracker.idle_since_unix_ms(),

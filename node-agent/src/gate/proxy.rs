@@ -165,15 +165,15 @@ async fn handle(request: Request<Incoming>, context: Arc<Context>) -> Response<F
     forward_call(&forward, &context).await.into_response()
 }
 
-/// Handles `queues.get_next_task`: answers "no task" while closed, else forwards and records the answer.
+/// Handles `queues.get_next_task`: returns "no task" while closed, else forwards and records the response.
 ///
 /// The forwarded call runs in its own tokio task, so it is recorded even if clearml-agent hangs up before the
-/// answer arrives: the server has handed the task out either way.
+/// response arrives: the server has handed the task out either way.
 async fn poll(forward: Forward, context: Arc<Context>) -> Response<Full<Bytes>> {
     let queue_id = request_field(&forward.body, "queue").unwrap_or_default();
 
     if context.gate.begin_poll() == PollDecision::AnswerEmpty {
-        tracing::debug!(queue_id = %queue_id, "gate closed; answering get_next_task with no task");
+        tracing::debug!(queue_id = %queue_id, "gate closed; returning no task for get_next_task");
         return empty_next_task(forward.path_and_query.as_str());
     }
 
@@ -317,7 +317,7 @@ fn taken_task(body: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Builds the answer clearml-server gives when the queue is empty: a success envelope with `data: {}`.
+/// Builds the response clearml-server returns when the queue is empty: a success envelope with `data: {}`.
 fn empty_next_task(path: &str) -> Response<Full<Bytes>> {
     let requested_version = path
         .trim_start_matches('/')
@@ -357,7 +357,7 @@ fn plain(status: StatusCode, message: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// A request id that differs between calls; it only needs to be unique, not unpredictable.
+/// Returns a request id that differs between calls; it only needs to be unique, not unpredictable.
 fn rand_id() -> u128 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -2,7 +2,7 @@
 //!
 //! The rules follow clearml-agent 3.0.3's daemon loop (`run_tasks_loop` in `clearml_agent/commands/worker.py`):
 //! it takes a task with `queues.get_next_task`, runs it to the end in `run_one_task`, and only then polls
-//! again. So a task is held from a `get_next_task` answer with an entry until the task gets a final status or
+//! again. So a task is held from a `get_next_task` response with an entry until the task gets a final status or
 //! the worker polls again, whichever comes first.
 
 use tokio::time::Instant;
@@ -32,12 +32,12 @@ pub struct HeldTask {
     pub taken_at: Instant,
 }
 
-/// What the gate does with one `queues.get_next_task` call.
+/// The gate's decision on one `queues.get_next_task` call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollDecision {
-    /// Forward the call; the caller must report the answer with [`Tracker::finish_poll`].
+    /// Forward the call; the caller must report the response with [`Tracker::finish_poll`].
     Forward,
-    /// The gate is closed: answer "no task" without asking the server.
+    /// The gate is closed, so it returns "no task" without calling the server.
     AnswerEmpty,
 }
 
@@ -48,7 +48,9 @@ pub struct Tracker {
     /// `queues.get_next_task` calls forwarded whose answer has not come back.
     in_flight_polls: u32,
     held: Option<HeldTask>,
-    /// When the worker last became idle; `None` while it holds a task.
+    /// True from the worker's first poll on; before it, clearml-agent is still starting.
+    worker_ready: bool,
+    /// When the worker last became idle; `None` before its first poll and while it runs a task.
     idle_since: Option<Instant>,
     /// Wall-clock form of `idle_since`, in milliseconds since the UNIX epoch, for heartbeats.
     idle_since_unix_ms: i64,
@@ -56,14 +58,23 @@ pub struct Tracker {
     polls_answered_empty: u64,
 }
 
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker::new()
+    }
+}
+
 impl Tracker {
-    pub fn new(now: Instant, now_unix_ms: i64) -> Tracker {
+    /// Creates the state of a worker that has not polled yet. Its idle time starts at its first poll, so a
+    /// slow clearml-agent start does not count as idle time.
+    pub fn new() -> Tracker {
         Tracker {
             draining: false,
             in_flight_polls: 0,
             held: None,
-            idle_since: Some(now),
-            idle_since_unix_ms: now_unix_ms,
+            worker_ready: false,
+            idle_since: None,
+            idle_since_unix_ms: 0,
             tasks_taken: 0,
             polls_answered_empty: 0,
         }
@@ -74,6 +85,11 @@ impl Tracker {
     /// A poll means the daemon finished its previous task, so a task still held is released here even when
     /// no final status call was seen (for example a task aborted from the UI).
     pub fn begin_poll(&mut self, now: Instant, now_unix_ms: i64) -> PollDecision {
+        if !self.worker_ready {
+            tracing::info!("worker polled for the first time; it is ready");
+            self.worker_ready = true;
+            self.become_idle(now, now_unix_ms);
+        }
         if let Some(task) = self.held.take() {
             tracing::info!(task_id = %task.task_id, "worker polled again; task no longer held");
             self.become_idle(now, now_unix_ms);
@@ -149,11 +165,16 @@ impl Tracker {
         self.held.as_ref()
     }
 
+    pub fn worker_ready(&self) -> bool {
+        self.worker_ready
+    }
+
     pub fn idle_since(&self) -> Option<Instant> {
         self.idle_since
     }
 
-    /// Milliseconds since the UNIX epoch at which the worker became idle; 0 while it holds a task.
+    /// Milliseconds since the UNIX epoch at which the worker became idle; 0 while it runs a task or before
+    /// its first poll.
     pub fn idle_since_unix_ms(&self) -> i64 {
         if self.idle_since.is_some() {
             self.idle_since_unix_ms
@@ -180,9 +201,27 @@ impl Tracker {
 mod tests {
     use super::*;
 
+    /// Returns a tracker whose worker polled once, at unix time 1000 ms, and found no task.
     fn tracker() -> (Tracker, Instant) {
         let now = Instant::now();
-        (Tracker::new(now, 1_000), now)
+        let mut tracker = Tracker::new();
+        tracker.begin_poll(now, 1_000);
+        tracker.finish_poll("q1", None, now);
+        (tracker, now)
+    }
+
+    #[test]
+    fn idle_time_starts_at_first_poll() {
+        let now = Instant::now();
+        let mut tracker = Tracker::new();
+        assert!(!tracker.worker_ready());
+        assert_eq!(tracker.idle_since(), None);
+
+        tracker.begin_poll(now, 7_000);
+
+        assert!(tracker.worker_ready());
+        assert_eq!(tracker.idle_since(), Some(now));
+        assert_eq!(tracker.idle_since_unix_ms(), 7_000);
     }
 
     #[test]
