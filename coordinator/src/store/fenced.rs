@@ -1,5 +1,5 @@
-//! Fenced state writes: every write is an etcd transaction that succeeds only while the writer's term is
-//! the current one, so a deposed leader can never change state on stale authority.
+//! Fenced writes: every write is an etcd transaction that succeeds only while the writer's term is the
+//! current one, so a deposed leader can never change state on stale authority.
 
 use std::sync::Arc;
 
@@ -37,12 +37,22 @@ impl FencedStore {
 
     /// Puts `value` at `key` if the term still holds.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.commit(key, TxnOp::put(key, value, None)).await
+        self.commit(key, vec![TxnOp::put(key, value, None)]).await
     }
 
     /// Deletes `key` if the term still holds.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.commit(key, TxnOp::delete(key, None)).await
+        self.commit(key, vec![TxnOp::delete(key, None)]).await
+    }
+
+    /// Applies `operations` in one transaction if the term still holds; `description` names them in errors.
+    /// etcd limits a transaction to 128 operations by default (`--max-txn-ops`).
+    pub async fn commit_all(
+        &self,
+        description: &str,
+        operations: Vec<TxnOp>,
+    ) -> Result<(), StoreError> {
+        self.commit(description, operations).await
     }
 
     /// Reads `key`. Reads are not fenced: a follower may serve them.
@@ -58,9 +68,9 @@ impl FencedStore {
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    /// Applies `operation` in a transaction guarded by the leader key's create revision. Repeating a
-    /// transaction whose answer was lost is safe, because puts and deletes are idempotent.
-    async fn commit(&self, key: &str, operation: TxnOp) -> Result<(), StoreError> {
+    /// Applies `operations` in a transaction guarded by the leader key's create revision. Repeating a
+    /// transaction whose response was lost is safe, because puts and deletes are idempotent.
+    async fn commit(&self, key: &str, operations: Vec<TxnOp>) -> Result<(), StoreError> {
         let leader_key = self.term.leader_key.clone();
         let revision = self.term.revision;
         let response = self
@@ -68,7 +78,7 @@ impl FencedStore {
             .run("fenced write", move |mut client| {
                 let guard =
                     Compare::create_revision(leader_key.clone(), CompareOp::Equal, revision);
-                let transaction = Txn::new().when([guard]).and_then([operation.clone()]);
+                let transaction = Txn::new().when([guard]).and_then(operations.clone());
                 async move { client.txn(transaction).await }
             })
             .await?;
