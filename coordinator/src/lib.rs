@@ -1,7 +1,8 @@
 //! The clearml-fleet coordinator: decides how many instances each ClearML queue needs.
 
-pub mod election;
+pub mod auth;
 pub mod config;
+pub mod election;
 pub mod etcd;
 pub mod policy;
 pub mod providers;
