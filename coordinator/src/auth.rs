@@ -1,4 +1,4 @@
-//! Who may call the coordinator: API tokens with roles for FleetService, and bootstrap tokens with which a new
+//! Authorization of calls to the coordinator: API tokens with roles for FleetService, and bootstrap tokens with which a new
 //! instance's agent registers once.
 //!
 //! Tokens are compared by SHA-256 digest in constant time, so neither the stored digests nor the comparison
@@ -174,7 +174,7 @@ impl BootstrapRecord {
     }
 
     /// Accepts the registration of `instance_id` with `presented`, if the token matches, the instance belongs
-    /// to this launch (`launched` holds the instance ids the cloud reported for the intent) and has not
+    /// to this launch (`launched` contains the instance ids the cloud reported for the intent) and has not
     /// registered before. The caller stores the updated record before it answers the agent.
     pub fn redeem(
         &mut self,
