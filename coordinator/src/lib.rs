@@ -6,4 +6,5 @@ pub mod election;
 pub mod etcd;
 pub mod policy;
 pub mod providers;
+pub mod registry;
 pub mod store;
