@@ -5,6 +5,7 @@ pub mod config;
 pub mod election;
 pub mod etcd;
 pub mod policy;
+pub mod poller;
 pub mod providers;
 pub mod registry;
 pub mod store;

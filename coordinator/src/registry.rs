@@ -1,7 +1,7 @@
 //! The instance registry: the leader's records of every instance, moved through the lifecycle
 //! requested -> launching -> booting -> idle/busy -> draining -> terminating -> terminated.
 //!
-//! Every transition is stored, with an event that says why, before the registry's memory changes, so what the
+//! Every transition is stored, with an event that gives the reason, before the registry's memory changes, so what the
 //! leader acts on is always what a successor would load. Instances are keyed `<intent id>/<index>` from the
 //! moment the launch is decided, before the cloud has given them an id.
 
