@@ -69,11 +69,6 @@ async fn poll_counts_waiting_tasks_and_worker_tasks() {
     assert_eq!(observation.queue_ids["cpu"], cpu);
     assert_eq!(observation.missing_queues, vec!["tpu".to_owned()]);
     assert_eq!(observation.workers["fleet:gpu-spot:i-1"], Some(running));
-    let _ = client
-        .queues()
-        .get_all(&GetAllQueues::default())
-        .await
-        .unwrap();
     emulator.shutdown().await;
 }
 
