@@ -62,6 +62,8 @@ pub struct Agent {
     pub shutdown_action: Arc<ShutdownAction>,
     pub contact: Arc<Contact>,
     pub started_at: Instant,
+    /// Sender of the main loop's command channel, for decisions made in spawned tasks.
+    pub commands: mpsc::Sender<Command>,
 }
 
 /// The time of the last successful coordinator call, shared by the heartbeat task and the main loop.
@@ -381,9 +383,11 @@ impl Agent {
         }
     }
 
+    /// Reports health in a spawned task; a coordinator that will replace the instance gets it shut down.
     fn spawn_health_report(&self, crash_loop: bool) {
         let coordinator = self.coordinator.clone();
         let instance_id = self.instance_id.clone();
+        let commands = self.commands.clone();
         tokio::spawn(async move {
             let report = HealthReport {
                 instance_id: instance_id.clone(),
@@ -396,7 +400,14 @@ impl Agent {
             };
             match coordinator.report_health(report).await {
                 Ok(response) => {
-                    tracing::info!(%instance_id, healthy = !crash_loop, replace = response.replace, "health reported")
+                    tracing::info!(%instance_id, healthy = !crash_loop, replace = response.replace, "health reported");
+                    if response.replace {
+                        let command = Command::Shutdown {
+                            reason: "the coordinator replaces this unhealthy instance".to_owned(),
+                            requeue_running_task: false,
+                        };
+                        let _ = commands.send(command).await;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%instance_id, healthy = !crash_loop, %error, "failed to report health")

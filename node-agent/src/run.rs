@@ -175,6 +175,7 @@ pub async fn run(config: Config, sigterm: mpsc::Receiver<()>) -> Result<Exit, St
         exit_hook,
     ));
 
+    let (commands_sender, commands) = mpsc::channel(16);
     let started_at = Instant::now();
     let agent = Arc::new(Agent {
         instance_id: instance_id.clone(),
@@ -189,9 +190,9 @@ pub async fn run(config: Config, sigterm: mpsc::Receiver<()>) -> Result<Exit, St
         shutdown_action: Arc::new(ShutdownAction::new(config.agent.shutdown_command.clone())),
         contact: Arc::new(Contact::new(started_at)),
         started_at,
+        commands: commands_sender.clone(),
     });
 
-    let (commands_sender, commands) = mpsc::channel(16);
     let grpc_listener = bind(config.agent.grpc_listen, "agent.grpc_listen").await?;
     let grpc_addr = local_addr(&grpc_listener)?;
     let service = NodeAgentServer::new(NodeAgentService::new(

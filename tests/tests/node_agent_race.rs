@@ -184,9 +184,9 @@ async fn race_fake_worker_loses_no_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_real_clearml_agent_loses_no_task() {
     let moments = [
-        EnqueueMoment::BeforeTimeout(Duration::from_millis(300)),
+        EnqueueMoment::BeforeTimeout(Duration::from_millis(900)),
         EnqueueMoment::DuringRequest(Duration::ZERO),
-        EnqueueMoment::BeforeTimeout(Duration::from_millis(50)),
+        EnqueueMoment::BeforeTimeout(Duration::from_millis(450)),
         EnqueueMoment::DuringRequest(Duration::from_millis(150)),
     ];
     for (index, moment) in moments.into_iter().enumerate() {

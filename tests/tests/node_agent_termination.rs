@@ -199,3 +199,69 @@ async fn orphaned_busy_machine_waits_for_task() {
     );
     assert_eq!(bed.shutdown_count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_drain_then_shutdown() {
+    use fleet_proto::v1::node_agent_client::NodeAgentClient;
+    use fleet_proto::v1::{AgentState, DrainRequest, NodeStatusRequest, ShutdownRequest};
+
+    let options = AgentOptions {
+        max_idle_seconds: 600,
+        ..AgentOptions::default()
+    };
+    let bed = NodeTestBed::start("operator_drain", options).await;
+    let release = bed.dir.join("release-task");
+    let script = task_script(&bed, "long", Some(&release));
+    let running = bed.enqueue_script_task("running", &script).await;
+
+    let mut agent = bed.spawn_agent();
+    let ready = agent.ready().await;
+    wait_until(
+        Duration::from_secs(60),
+        "clearml-agent to start the task",
+        || {
+            bed.emulator
+                .task(&running)
+                .is_some_and(|t| t.status == "in_progress")
+        },
+    )
+    .await
+    .unwrap();
+    let mut grpc = NodeAgentClient::connect(format!("http://{}", ready.grpc))
+        .await
+        .unwrap();
+
+    let drained = grpc
+        .drain(DrainRequest {
+            reason: "operator test".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.running_task_id, running);
+    let status = grpc
+        .status(NodeStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.state, AgentState::Draining as i32);
+    assert_eq!(status.task_id, running);
+
+    let waiting = bed.enqueue_script_task("waiting", &script).await;
+    grpc.shutdown(ShutdownRequest {
+        reason: "operator test".to_owned(),
+        requeue_running_task: true,
+    })
+    .await
+    .unwrap();
+    let exit = agent.wait(Duration::from_secs(60)).await;
+
+    assert_eq!(exit.expect("agent runs"), Exit::PoweredOff);
+    assert_eq!(bed.shutdown_count(), 1);
+    assert_eq!(
+        bed.emulator.queue_entries(fleet_tests::node::QUEUE),
+        vec![running.clone(), waiting.clone()],
+        "the requeued task is at the head, the waiting one was never taken"
+    );
+    assert_eq!(bed.task_outcome(&running), TaskOutcome::Queued);
+}
