@@ -196,3 +196,32 @@ async fn repeated_kills_report_unhealthy() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_unhealthy_instance_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashing = dir.path().join("crashing-clearml-agent.sh");
+    std::fs::write(
+        &crashing,
+        "#!/bin/sh\necho 'clearml-agent failed to start' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&crashing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bed = NodeTestBed::start("replaced_unhealthy", options_with(crashing, 3)).await;
+    bed.coordinator.replace_unhealthy();
+
+    let mut agent = bed.spawn_agent();
+    agent.ready().await;
+    let exit = agent.wait(Duration::from_secs(60)).await;
+
+    assert_eq!(
+        exit.expect("agent runs"),
+        fleet_node_agent::controller::Exit::PoweredOff
+    );
+    assert_eq!(bed.shutdown_count(), 1);
+    assert!(
+        bed.coordinator.health_reports().iter().any(|r| !r.healthy),
+        "the crash loop was reported"
+    );
+}

@@ -265,3 +265,35 @@ async fn operator_drain_then_shutdown() {
     );
     assert_eq!(bed.task_outcome(&running), TaskOutcome::Queued);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_drain_stops_taking_tasks() {
+    let options = AgentOptions {
+        max_idle_seconds: 3,
+        ..AgentOptions::default()
+    };
+    let bed = NodeTestBed::start("heartbeat_drain", options).await;
+    bed.coordinator.request_drain();
+
+    let mut agent = bed.spawn_agent();
+    agent.ready().await;
+    wait_until(
+        Duration::from_secs(30),
+        "a heartbeat that reports draining",
+        || {
+            bed.coordinator
+                .heartbeats()
+                .iter()
+                .any(|h| h.state == fleet_proto::v1::AgentState::Draining as i32)
+        },
+    )
+    .await
+    .unwrap();
+    let script = task_script(&bed, "quick", None);
+    let task_id = bed.enqueue_script_task("not-taken", &script).await;
+    let exit = agent.wait(Duration::from_secs(60)).await;
+
+    assert_eq!(exit.expect("agent runs"), Exit::PoweredOff);
+    assert_eq!(bed.task_outcome(&task_id), TaskOutcome::Queued);
+    assert_eq!(bed.shutdown_count(), 1);
+}

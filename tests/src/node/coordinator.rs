@@ -57,6 +57,8 @@ struct Inner {
     /// Delay before answering a termination request.
     grant_delay: Mutex<Duration>,
     drain: Mutex<bool>,
+    /// Answer unhealthy reports with `replace: true`.
+    replace_unhealthy: Mutex<bool>,
     recorded: Mutex<Recorded>,
 }
 
@@ -78,6 +80,7 @@ impl TestCoordinator {
             hook: Mutex::new(None),
             grant_delay: Mutex::new(Duration::ZERO),
             drain: Mutex::new(false),
+            replace_unhealthy: Mutex::new(false),
             recorded: Mutex::new(Recorded::default()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -115,6 +118,11 @@ impl TestCoordinator {
     /// Makes every later heartbeat answer `drain: true`.
     pub fn request_drain(&self) {
         *lock(&self.inner.drain) = true;
+    }
+
+    /// Makes the coordinator answer unhealthy reports with `replace: true`.
+    pub fn replace_unhealthy(&self) {
+        *lock(&self.inner.replace_unhealthy) = true;
     }
 
     /// Stops serving; calls fail with connection refused until [`TestCoordinator::restart`].
@@ -305,7 +313,9 @@ impl AgentService for Service {
         request: Request<HealthReport>,
     ) -> Result<Response<HealthResponse>, Status> {
         self.check_session(&request)?;
-        lock(&self.inner.recorded).health.push(request.into_inner());
-        Ok(Response::new(HealthResponse { replace: false }))
+        let report = request.into_inner();
+        let replace = !report.healthy && *lock(&self.inner.replace_unhealthy);
+        lock(&self.inner.recorded).health.push(report);
+        Ok(Response::new(HealthResponse { replace }))
     }
 }
