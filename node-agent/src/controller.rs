@@ -384,6 +384,8 @@ impl Agent {
     }
 
     /// Reports health in a spawned task; a coordinator that will replace the instance gets it shut down.
+    ///
+    /// NOTE: only a clearml-agent crash loop counts as unhealthy; a full disk is not detected yet.
     fn spawn_health_report(&self, crash_loop: bool) {
         let coordinator = self.coordinator.clone();
         let instance_id = self.instance_id.clone();

@@ -18,6 +18,10 @@ use crate::controller::{Agent, Command, agent_state};
 /// Lines TailLogs returns when the request sets `lines` to 0.
 const DEFAULT_TAIL_LINES: usize = 100;
 
+/// The NodeAgent service implementation.
+///
+/// NOTE: it checks no credentials and serves plain HTTP/2, so `agent.grpc_listen` must stay on a private
+/// address until the coordinator's client certificates are wired in.
 pub struct NodeAgentService {
     agent: Arc<Agent>,
     commands: mpsc::Sender<Command>,

@@ -91,6 +91,8 @@ impl Tracker {
             self.become_idle(now, now_unix_ms);
         }
         if let Some(task) = self.held.take() {
+            // NOTE: a task whose poll response never reached clearml-agent (it hung up first) is released here
+            // too, although it never ran; it then stays `queued` outside any queue until someone requeues it.
             tracing::info!(task_id = %task.task_id, "worker polled again; task no longer held");
             self.become_idle(now, now_unix_ms);
         }

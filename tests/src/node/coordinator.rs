@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 /// Session token the coordinator hands out; later calls must carry it.
 pub const SESSION_TOKEN: &str = "test-session-token";
 
-/// How the coordinator answers termination requests.
+/// The coordinator's decision on termination requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TerminationPolicy {
     Grant,
@@ -31,7 +31,7 @@ pub enum TerminationPolicy {
 /// Runs before each termination decision, for example to enqueue a task at that very moment.
 pub type TerminationHook = Arc<dyn Fn(&TerminationRequest) + Send + Sync>;
 
-/// One recorded termination request and the answer it got.
+/// One recorded termination request and the decision it got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TerminationRecord {
     pub instance_id: String,
@@ -54,10 +54,10 @@ struct Inner {
     agent_config: AgentConfig,
     policy: Mutex<TerminationPolicy>,
     hook: Mutex<Option<TerminationHook>>,
-    /// Delay before answering a termination request.
+    /// Delay before the response to a termination request.
     grant_delay: Mutex<Duration>,
     drain: Mutex<bool>,
-    /// Answer unhealthy reports with `replace: true`.
+    /// Respond to unhealthy reports with `replace: true`.
     replace_unhealthy: Mutex<bool>,
     recorded: Mutex<Recorded>,
 }
@@ -115,12 +115,12 @@ impl TestCoordinator {
         *lock(&self.inner.grant_delay) = delay;
     }
 
-    /// Makes every later heartbeat answer `drain: true`.
+    /// Makes every later heartbeat response carry `drain: true`.
     pub fn request_drain(&self) {
         *lock(&self.inner.drain) = true;
     }
 
-    /// Makes the coordinator answer unhealthy reports with `replace: true`.
+    /// Makes the coordinator respond to unhealthy reports with `replace: true`.
     pub fn replace_unhealthy(&self) {
         *lock(&self.inner.replace_unhealthy) = true;
     }

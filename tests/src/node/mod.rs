@@ -150,7 +150,7 @@ impl NodeTestBed {
         self.dir.join("agent")
     }
 
-    /// The file the test shutdown action appends a line to; it never powers anything off.
+    /// Returns the file the test shutdown action appends a line to; the action never powers anything off.
     pub fn shutdown_marker(&self) -> PathBuf {
         self.dir.join("shutdown-marker")
     }
