@@ -148,6 +148,8 @@ impl Agent {
     }
 
     async fn check(&self, state: &mut LoopState) -> Option<Exit> {
+        self.requeue_dropped().await;
+
         let snapshot = self.gate.snapshot();
         let now = Instant::now();
 
@@ -335,6 +337,7 @@ impl Agent {
             }
         }
         self.supervisor.stop().await;
+        self.requeue_dropped().await;
         self.unregister_worker().await;
         Exit::Stopped
     }
@@ -347,10 +350,18 @@ impl Agent {
         if let Some(task) = held {
             self.requeue(&task, RequeueReason::AgentShutdown).await;
         }
+        self.requeue_dropped().await;
         self.unregister_worker().await;
         tracing::info!(instance_id = %self.instance_id, worker_id = %self.worker_id, reason, "terminating the instance");
         self.shutdown_action.run_once().await;
         Exit::PoweredOff
+    }
+
+    /// Requeues the tasks the worker took but never started, because their poll response was lost.
+    async fn requeue_dropped(&self) {
+        for task in self.gate.take_dropped() {
+            self.requeue(&task, RequeueReason::ResponseLost).await;
+        }
     }
 
     /// Requeues a task and returns whether it worked; a failure is logged, because the machine goes on down.

@@ -5,13 +5,15 @@ use clearml_api::tasks::{EnqueueTask, StatusChange};
 
 use crate::gate::HeldTask;
 
-/// Why a task is requeued; each reason has a status reason and message that users see in the ClearML UI.
+/// The cause of a requeue; each has a status reason and message that users see in the ClearML UI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequeueReason {
     SpotInterruption,
     Rebalance,
     AgentShutdown,
     ClearmlAgentExited,
+    /// The worker took the task but its poll response was lost, so it never ran.
+    ResponseLost,
 }
 
 impl RequeueReason {
@@ -21,10 +23,11 @@ impl RequeueReason {
             RequeueReason::Rebalance => "spot rebalance",
             RequeueReason::AgentShutdown => "node shutdown",
             RequeueReason::ClearmlAgentExited => "clearml-agent exited",
+            RequeueReason::ResponseLost => "queue response lost",
         }
     }
 
-    /// The status message; it names the worker so users can tell which machine gave the task back.
+    /// Returns the status message, which names the worker so users can tell which machine gave the task back.
     pub fn status_message(self, worker_id: &str) -> String {
         match self {
             RequeueReason::SpotInterruption => format!(
@@ -38,6 +41,9 @@ impl RequeueReason {
             ),
             RequeueReason::ClearmlAgentExited => format!(
                 "interrupted because clearml-agent on worker {worker_id} exited; requeued at the head of its queue by clearml-fleet"
+            ),
+            RequeueReason::ResponseLost => format!(
+                "taken from its queue for worker {worker_id}, but the response never reached clearml-agent; requeued at the head of its queue by clearml-fleet"
             ),
         }
     }

@@ -98,6 +98,17 @@ impl Gate {
         taken
     }
 
+    /// Removes and returns the tasks the worker took but never started; they must be requeued.
+    pub fn take_dropped(&self) -> Vec<HeldTask> {
+        if !self.state.borrow().has_dropped() {
+            return Vec::new();
+        }
+        let mut dropped = Vec::new();
+        self.state
+            .send_modify(|tracker| dropped = tracker.take_dropped());
+        dropped
+    }
+
     pub fn snapshot(&self) -> GateSnapshot {
         let tracker = self.state.borrow();
         GateSnapshot {

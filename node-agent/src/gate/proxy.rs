@@ -159,7 +159,7 @@ async fn handle(request: Request<Incoming>, context: Arc<Context>) -> Response<F
     if endpoint == "queues.get_next_task" {
         return poll(forward, context).await;
     }
-    if super::tracker::is_final_status_call(&endpoint) {
+    if super::tracker::is_observed_task_call(&endpoint) {
         return status_call(&endpoint, forward, context).await;
     }
     forward_call(&forward, &context).await.into_response()

@@ -18,9 +18,9 @@ const FINAL_STATUS_CALLS: &[&str] = &[
     "tasks.delete",
 ];
 
-/// Returns true for a task call that may give a task its final status, so the gate reads its request.
-pub fn is_final_status_call(endpoint: &str) -> bool {
-    FINAL_STATUS_CALLS.contains(&endpoint)
+/// Returns true for a task call whose request the gate reads: `tasks.started` and the final status calls.
+pub fn is_observed_task_call(endpoint: &str) -> bool {
+    endpoint == "tasks.started" || FINAL_STATUS_CALLS.contains(&endpoint)
 }
 
 /// A task the worker took from a queue and still runs.
@@ -30,6 +30,8 @@ pub struct HeldTask {
     /// Id of the queue the task came from, the one `queues.get_next_task` named.
     pub queue_id: String,
     pub taken_at: Instant,
+    /// True once a `tasks.started` call for the task succeeded.
+    pub started: bool,
 }
 
 /// The gate's decision on one `queues.get_next_task` call.
@@ -45,9 +47,11 @@ pub enum PollDecision {
 #[derive(Debug, Clone)]
 pub struct Tracker {
     draining: bool,
-    /// `queues.get_next_task` calls forwarded whose answer has not come back.
+    /// `queues.get_next_task` calls forwarded whose response has not come back.
     in_flight_polls: u32,
     held: Option<HeldTask>,
+    /// Tasks released without a `tasks.started`, waiting to be requeued.
+    dropped: Vec<HeldTask>,
     /// True from the worker's first poll on; before it, clearml-agent is still starting.
     worker_ready: bool,
     /// When the worker last became idle; `None` before its first poll and while it runs a task.
@@ -72,6 +76,7 @@ impl Tracker {
             draining: false,
             in_flight_polls: 0,
             held: None,
+            dropped: Vec::new(),
             worker_ready: false,
             idle_since: None,
             idle_since_unix_ms: 0,
@@ -91,10 +96,15 @@ impl Tracker {
             self.become_idle(now, now_unix_ms);
         }
         if let Some(task) = self.held.take() {
-            // NOTE: a task whose poll response never reached clearml-agent (it hung up first) is released here
-            // too, although it never ran; it then stays `queued` outside any queue until someone requeues it.
-            tracing::info!(task_id = %task.task_id, "worker polled again; task no longer held");
             self.become_idle(now, now_unix_ms);
+            if task.started {
+                tracing::info!(task_id = %task.task_id, "worker polled again; task no longer held");
+            } else {
+                // clearml-agent marks every task it receives started before it runs it, so this one's poll
+                // response never reached it: the task left its queue but no worker runs it.
+                tracing::warn!(task_id = %task.task_id, queue_id = %task.queue_id, "worker polled again without starting its task; the task must be requeued");
+                self.dropped.push(task);
+            }
         }
 
         if self.draining {
@@ -105,7 +115,7 @@ impl Tracker {
         PollDecision::Forward
     }
 
-    /// Records the answer of a forwarded poll: `taken` is the task id in `data.entry.task`, `None` when the
+    /// Records the response of a forwarded poll: `taken` is the task id in `data.entry.task`, `None` when the
     /// queue was empty or the call failed.
     pub fn finish_poll(&mut self, queue_id: &str, taken: Option<String>, now: Instant) {
         assert!(
@@ -122,13 +132,20 @@ impl Tracker {
                 task_id,
                 queue_id: queue_id.to_owned(),
                 taken_at: now,
+                started: false,
             });
         }
     }
 
     /// Records a successful task call; releases the held task when `endpoint` gives it a final status.
     pub fn status_call(&mut self, endpoint: &str, task_id: &str, now: Instant, now_unix_ms: i64) {
-        if !is_final_status_call(endpoint) {
+        if endpoint == "tasks.started" {
+            if let Some(held) = self.held.as_mut().filter(|held| held.task_id == task_id) {
+                held.started = true;
+            }
+            return;
+        }
+        if !FINAL_STATUS_CALLS.contains(&endpoint) {
             return;
         }
         if self
@@ -140,6 +157,16 @@ impl Tracker {
             self.held = None;
             self.become_idle(now, now_unix_ms);
         }
+    }
+
+    /// Removes and returns the tasks the worker took but never started, for requeueing.
+    pub fn take_dropped(&mut self) -> Vec<HeldTask> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Returns true when tasks wait in [`Tracker::take_dropped`].
+    pub fn has_dropped(&self) -> bool {
+        !self.dropped.is_empty()
     }
 
     /// Removes the held task, for example after clearml-agent died running it.
@@ -263,11 +290,29 @@ mod tests {
         let (mut tracker, now) = tracker();
         tracker.begin_poll(now, 1_000);
         tracker.finish_poll("q1", Some("t1".to_owned()), now);
+        tracker.status_call("tasks.started", "t1", now, 2_000);
 
         tracker.begin_poll(now, 9_000);
 
         assert_eq!(tracker.held(), None);
         assert_eq!(tracker.idle_since_unix_ms(), 9_000);
+        assert!(tracker.take_dropped().is_empty());
+    }
+
+    #[test]
+    fn task_never_started_is_dropped_for_requeue() {
+        let (mut tracker, now) = tracker();
+        tracker.begin_poll(now, 1_000);
+        tracker.finish_poll("q1", Some("t1".to_owned()), now);
+
+        tracker.begin_poll(now, 9_000);
+
+        assert_eq!(tracker.held(), None);
+        let dropped = tracker.take_dropped();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].task_id, "t1");
+        assert_eq!(dropped[0].queue_id, "q1");
+        assert!(!tracker.has_dropped());
     }
 
     #[test]
