@@ -67,7 +67,11 @@ install_system_packages
 install_venv
 
 cd "$repo_dir"
-log "running cargo test --workspace (target dir $CARGO_TARGET_DIR)"
+# Without arguments the whole workspace runs; with them (for example -p clearml-api), exactly what they select.
+if [ $# -eq 0 ]; then
+    set -- --workspace
+fi
+log "running cargo test $* (target dir $CARGO_TARGET_DIR)"
 started=$SECONDS
-cargo test --workspace "$@"
+cargo test "$@"
 log "cargo test finished in $((SECONDS - started)) s"

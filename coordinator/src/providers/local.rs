@@ -1,6 +1,6 @@
 //! The local provider: each instance is a child process of this coordinator, with its own id and directory.
 //!
-//! It serves the demo, tests and a single large on-premises machine. Instances live only as long as the
+//! It serves tests and a single large on-premises machine. Instances live only as long as the
 //! provider: dropping it kills every process group it started, so nothing outlives the coordinator.
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +30,8 @@ pub struct LocalConfig {
     pub base_dir: PathBuf,
     /// Program started for each instance.
     ///
-    /// NOTE: production points this at the `fleet-node-agent` binary, which does not exist yet. Until it does,
-    /// only tests and the demo use this provider, with `fake-clearml-worker` or a shell command.
+    /// NOTE: production points this at the `fleet-node-agent` binary. The tests run `fake-clearml-worker` or a
+    /// shell command instead, because the coordinator service that agents register with is not built yet.
     pub program: PathBuf,
     /// Arguments; `{instance_id}` and `{dir}` are replaced with the instance's id and directory.
     pub args: Vec<String>,

@@ -27,15 +27,22 @@ struct Args {
     /// timeout expires.
     #[arg(long, default_value_t = 600)]
     worker_timeout_secs: u64,
+
+    /// Queue to create at start, so workers can poll it at once; repeat for several.
+    #[arg(long = "queue")]
+    queues: Vec<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr, so stdout carries only the "listening on" line; colour only on a terminal.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let args = Args::parse();
@@ -47,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
     let emulator = Emulator::start(args.bind, config)
         .await
         .with_context(|| format!("failed to start the ClearML API emulator on {}", args.bind))?;
+    for name in &args.queues {
+        emulator.create_queue(name);
+    }
     println!("clearml-emulator listening on {}", emulator.url());
 
     tokio::signal::ctrl_c()

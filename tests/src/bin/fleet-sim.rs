@@ -20,7 +20,11 @@ enum PolicyArg {
 
 /// Durations accept a unit suffix: `90s`, `5m`, `1h`; a bare number is seconds.
 #[derive(Debug, Parser)]
-#[command(name = "fleet-sim", version, about)]
+#[command(
+    name = "fleet-sim",
+    version,
+    about = "Replays job traces through the fleet scaling policy and a model of the ClearML autoscaler, and compares task wait and cost"
+)]
 struct Args {
     /// Traces to replay: pollux-1 to pollux-8, sweep, poisson, diurnal or the path of a CSV file with the columns
     /// arrival_s,runtime_s. Comma-separated or repeated.
