@@ -91,26 +91,23 @@ pub struct ReadyInfo {
 /// Starts the agent and runs it until it powers the machine off or stops after SIGTERM.
 ///
 /// `sigterm` delivers SIGTERM (the binary forwards the signal, tests send on the channel).
-pub async fn run(config: Config, sigterm: mpsc::Receiver<()>) -> Result<Exit, StartError> {
+pub async fn run(config: Config, mut sigterm: mpsc::Receiver<()>) -> Result<Exit, StartError> {
     let state_dir = &config.agent.state_dir;
     create_private_dir(state_dir)?;
 
     let imds = Arc::new(ImdsClient::new(config.imds.endpoint.clone()).map_err(StartError::Imds)?);
-    let instance_id = read_instance_id(&imds, config.coordinator.registration_timeout).await?;
-    tracing::info!(%instance_id, "instance id read from the metadata service");
-
     let coordinator = Arc::new(CoordinatorClient::new(&config.coordinator)?);
-    let registration = coordinator
-        .register(
-            RegisterRequest {
-                instance_id: instance_id.clone(),
-                bootstrap_token: config.coordinator.bootstrap_token.expose().to_owned(),
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                hostname: hostname(),
-            },
-            config.coordinator.registration_timeout,
-        )
-        .await?;
+
+    // Startup can retry for up to twice registration_timeout; a stop signal must end it at once, before
+    // clearml-agent has started, so there is nothing to drain.
+    let startup = register_instance(&config, &imds, &coordinator);
+    let (instance_id, registration) = tokio::select! {
+        result = startup => result?,
+        Some(()) = sigterm.recv() => {
+            tracing::info!("stop signal received before registration finished; exiting without starting clearml-agent");
+            return Ok(Exit::Stopped);
+        }
+    };
     let registered = registration.config;
     let clearml_access = registered.clearml.clone().unwrap_or_default();
     let timeouts = Timeouts::from_proto(registered.timeouts.as_ref());
@@ -287,6 +284,9 @@ fn child_spec(
 ) -> ChildSpec {
     let mut args = vec!["daemon".to_owned(), "--queue".to_owned()];
     args.extend(registered.queues.iter().cloned());
+    // NOTE: docker mode is untested. The container's clearml-agent reports task status through the gate's
+    // address in clearml.conf, which must be reachable from the container (not 127.0.0.1 on docker's default
+    // bridge network); agent.gate_listen sets it.
     if !registered.docker_image.is_empty() {
         args.push("--docker".to_owned());
         args.push(registered.docker_image.clone());
@@ -317,6 +317,29 @@ fn child_spec(
 }
 
 /// Reads the instance id, retrying for up to `timeout` because IMDS can lag at boot.
+/// Reads the instance id from the metadata service, then registers with the coordinator.
+async fn register_instance(
+    config: &Config,
+    imds: &ImdsClient,
+    coordinator: &CoordinatorClient,
+) -> Result<(String, crate::coordinator::Registration), StartError> {
+    let instance_id = read_instance_id(imds, config.coordinator.registration_timeout).await?;
+    tracing::info!(%instance_id, "instance id read from the metadata service");
+
+    let registration = coordinator
+        .register(
+            RegisterRequest {
+                instance_id: instance_id.clone(),
+                bootstrap_token: config.coordinator.bootstrap_token.expose().to_owned(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                hostname: hostname(),
+            },
+            config.coordinator.registration_timeout,
+        )
+        .await?;
+    Ok((instance_id, registration))
+}
+
 async fn read_instance_id(imds: &ImdsClient, timeout: Duration) -> Result<String, StartError> {
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(200);

@@ -116,3 +116,78 @@ fn malformed_config_exits_with_config_code() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_registration_exits_at_once() {
+    let mut bed = NodeTestBed::start("cli_sigterm_startup", AgentOptions::default()).await;
+    bed.coordinator.stop().await;
+    let config = bed.write_config(BOOTSTRAP_TOKEN);
+    // A long registration timeout, so only the signal can end the startup within the test's deadline.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "registration_timeout_seconds = 5",
+        "registration_timeout_seconds = 300",
+    );
+    assert!(
+        text.contains("registration_timeout_seconds = 300"),
+        "the test bed's config changed: {text}"
+    );
+    std::fs::write(&config, text).unwrap();
+    let log_path = bed.dir.join("cli-sigterm.stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-node-agent"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("fleet-node-agent starts");
+
+    // The signal handlers are installed before the instance id is read, so after this line SIGTERM is
+    // handled and does not kill the process outright.
+    let registering = fleet_tests::harness::wait_until(
+        Duration::from_secs(20),
+        "the agent to start registering",
+        || {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains("instance id read from the metadata service")
+        },
+    )
+    .await;
+    if let Err(error) = registering {
+        let _ = child.kill();
+        panic!(
+            "{error}\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let exited = fleet_tests::harness::wait_until(
+        Duration::from_secs(10),
+        "the agent to exit after SIGTERM",
+        || matches!(child.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    let took = signalled.elapsed();
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    exited.unwrap_or_else(|error| panic!("{error}\n{log}"));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(exit_code::OK), "{log}");
+    assert!(
+        log.contains("stop signal received before registration finished"),
+        "{log}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "exit took {took:?} after SIGTERM"
+    );
+}
