@@ -188,7 +188,7 @@ impl Config {
         let coordinator = validate_coordinator(raw.coordinator)?;
         let imds = validate_imds(raw.imds)?;
         let agent = validate_agent(raw.agent)?;
-        let clearml_agent = validate_clearml_agent(raw.clearml_agent);
+        let clearml_agent = validate_clearml_agent(raw.clearml_agent)?;
         Ok(Config {
             coordinator,
             imds,
@@ -361,21 +361,51 @@ fn validate_agent(raw: RawAgent) -> Result<AgentLocalConfig, ConfigError> {
     })
 }
 
-fn validate_clearml_agent(raw: RawClearmlAgent) -> ClearmlAgentConfig {
-    ClearmlAgentConfig {
+fn validate_clearml_agent(raw: RawClearmlAgent) -> Result<ClearmlAgentConfig, ConfigError> {
+    if let Some(name) = raw
+        .env
+        .keys()
+        .find(|name| crate::supervisor::SCRUBBED_ENV.contains(&name.as_str()))
+    {
+        return Err(invalid(
+            "clearml_agent.env",
+            name,
+            "remove it: the agent keeps this variable from clearml-agent, because it would bypass the gate or its task tracking",
+        ));
+    }
+    let initial = positive(
+        "clearml_agent.restart_backoff_initial_ms",
+        raw.restart_backoff_initial_ms,
+    )?;
+    let max = positive(
+        "clearml_agent.restart_backoff_max_ms",
+        raw.restart_backoff_max_ms,
+    )?;
+    let restarts = positive(
+        "clearml_agent.crash_loop_restarts",
+        raw.crash_loop_restarts.map(u64::from),
+    )?;
+    let window = positive(
+        "clearml_agent.crash_loop_window_seconds",
+        raw.crash_loop_window_seconds,
+    )?;
+    let stop = positive(
+        "clearml_agent.stop_timeout_seconds",
+        raw.stop_timeout_seconds,
+    )?;
+
+    Ok(ClearmlAgentConfig {
         program: raw
             .program
             .unwrap_or_else(|| PathBuf::from("clearml-agent")),
         env: raw.env,
         home: raw.home,
-        restart_backoff_initial: Duration::from_millis(
-            raw.restart_backoff_initial_ms.unwrap_or(1_000),
-        ),
-        restart_backoff_max: Duration::from_millis(raw.restart_backoff_max_ms.unwrap_or(60_000)),
-        crash_loop_restarts: raw.crash_loop_restarts.unwrap_or(5).max(1),
-        crash_loop_window: Duration::from_secs(raw.crash_loop_window_seconds.unwrap_or(300)),
-        stop_timeout: Duration::from_secs(raw.stop_timeout_seconds.unwrap_or(10)),
-    }
+        restart_backoff_initial: Duration::from_millis(initial.unwrap_or(1_000)),
+        restart_backoff_max: Duration::from_millis(max.unwrap_or(60_000)),
+        crash_loop_restarts: restarts.map_or(5, |value| value as u32),
+        crash_loop_window: Duration::from_secs(window.unwrap_or(300)),
+        stop_timeout: Duration::from_secs(stop.unwrap_or(10)),
+    })
 }
 
 fn invalid(key: &'static str, value: &str, fix: &str) -> ConfigError {
@@ -431,6 +461,34 @@ mod tests {
         bootstrap_token = "boot"
         allow_plaintext_loopback = true
     "#;
+
+    #[test]
+    fn zero_clearml_agent_timers_are_rejected() {
+        for key in [
+            "restart_backoff_initial_ms",
+            "restart_backoff_max_ms",
+            "crash_loop_restarts",
+            "crash_loop_window_seconds",
+            "stop_timeout_seconds",
+        ] {
+            let text = format!("{LOOPBACK}\n[clearml_agent]\n{key} = 0\n");
+
+            let error = parse(&text).unwrap_err().to_string();
+
+            assert!(error.contains(&format!("clearml_agent.{key}")), "{error}");
+            assert!(error.contains("must be greater than 0"), "{error}");
+        }
+    }
+
+    #[test]
+    fn rank_in_clearml_agent_env_is_rejected() {
+        let text = format!("{LOOPBACK}\n[clearml_agent.env]\nRANK = \"1\"\n");
+
+        let error = parse(&text).unwrap_err().to_string();
+
+        assert!(error.contains("clearml_agent.env"), "{error}");
+        assert!(error.contains("RANK"), "{error}");
+    }
 
     #[test]
     fn loopback_config_gets_defaults() {

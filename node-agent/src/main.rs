@@ -85,8 +85,8 @@ fn forward_sigterm() -> anyhow::Result<mpsc::Receiver<()>> {
     Ok(receiver)
 }
 
+/// Prints the error once, on stderr (which systemd's journal also records), and returns the exit code.
 fn fail(error: &anyhow::Error, code: i32) -> ExitCode {
-    tracing::error!(exit_code = code, "{error:#}");
     eprintln!("fleet-node-agent: error: {error:#}");
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

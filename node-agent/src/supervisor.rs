@@ -32,14 +32,19 @@ pub struct ChildSpec {
     pub init_script: String,
 }
 
-/// Variables that would override clearml.conf and send clearml-agent past the gate.
-const SCRUBBED_ENV: &[&str] = &[
+/// Variables removed from clearml-agent's environment. The API variables would override clearml.conf and send
+/// clearml-agent past the gate. With a non-zero `RANK` or `SLURM_PROCID`, clearml-agent 3.0.3 skips
+/// `tasks.started` (`_get_node_rank` in `clearml_agent/commands/worker.py`), and the gate would take a task that
+/// ran for one whose poll response was lost and requeue it.
+pub const SCRUBBED_ENV: &[&str] = &[
     "CLEARML_API_HOST",
     "CLEARML_API_ACCESS_KEY",
     "CLEARML_API_SECRET_KEY",
     "TRAINS_API_HOST",
     "TRAINS_API_ACCESS_KEY",
     "TRAINS_API_SECRET_KEY",
+    "RANK",
+    "SLURM_PROCID",
 ];
 
 /// The supervisor's state for heartbeats, Status and `/metrics`.
