@@ -25,7 +25,7 @@ pub type ExitHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + S
 pub struct ChildSpec {
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Environment on top of the agent's own, minus the ClearML variables listed in [`SCRUBBED_ENV`].
+    /// Environment on top of the agent's own, minus the variables listed in [`SCRUBBED_ENV`].
     pub env: BTreeMap<String, String>,
     pub work_dir: PathBuf,
     /// Shell script run once with `sh -c` before the first start; empty for none.
