@@ -30,7 +30,7 @@ pub enum CoordinatorError {
         message: String,
     },
     #[error(
-        "no coordinator responded to the registration of instance {instance_id} within {waited:?} (tried {endpoints}); last error: {last_error}; check coordinator.endpoints and the network"
+        "registration of instance {instance_id} did not succeed within {waited:?}: no coordinator accepted it (tried {endpoints}); last error: {last_error}; check coordinator.endpoints, the network and the coordinators' logs"
     )]
     RegistrationTimedOut {
         instance_id: String,

@@ -27,7 +27,8 @@ impl Timeouts {
         Timeouts {
             max_idle: seconds(timeouts.max_idle_seconds, 300),
             heartbeat_interval: seconds(timeouts.heartbeat_interval_seconds, 15),
-            orphan_timeout: seconds(timeouts.orphan_timeout_seconds, 1_800),
+            // The same as the coordinator config's default, defaults.orphan_timeout_seconds.
+            orphan_timeout: seconds(timeouts.orphan_timeout_seconds, 900),
             drain_grace: seconds(timeouts.drain_grace_seconds, 600),
             termination_retry: seconds(timeouts.termination_retry_seconds, 60),
         }
@@ -186,6 +187,6 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(timeouts.max_idle, Duration::from_secs(5));
-        assert_eq!(timeouts.orphan_timeout, Duration::from_secs(1_800));
+        assert_eq!(timeouts.orphan_timeout, Duration::from_secs(900));
     }
 }

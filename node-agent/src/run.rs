@@ -30,7 +30,7 @@ pub mod exit_code {
     pub const OK: i32 = 0;
     /// Any failure without a code of its own.
     pub const FAILURE: i32 = 1;
-    /// EX_UNAVAILABLE: no coordinator responded to the registration.
+    /// EX_UNAVAILABLE: no coordinator accepted the registration in time (none reachable, or each returned an error).
     pub const COORDINATOR_UNREACHABLE: i32 = 69;
     /// EX_NOHOST: the instance metadata service did not return an instance id.
     pub const IMDS_UNAVAILABLE: i32 = 68;

@@ -69,7 +69,7 @@ async fn unreachable_coordinator_exits_after_timeout() {
         Some(exit_code::COORDINATOR_UNREACHABLE),
         "{message}"
     );
-    assert!(message.contains("no coordinator responded"), "{message}");
+    assert!(message.contains("no coordinator accepted it"), "{message}");
     assert!(message.contains(&bed.coordinator.url()), "{message}");
     assert!(
         took < Duration::from_secs(15),
