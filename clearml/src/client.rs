@@ -21,7 +21,7 @@ pub enum Retry {
     /// `workers.status_report` that replace a value.
     Safe,
     /// The first attempt may have taken effect, and a second one could change more: for example
-    /// `queues.get_next_task`, whose lost answer means a task already left the queue.
+    /// `queues.get_next_task`, whose lost response means a task already left the queue.
     Never,
 }
 
@@ -243,7 +243,7 @@ fn transport_error(endpoint: &str, timeout: Duration, source: reqwest::Error) ->
             after: timeout,
         };
     }
-    // reqwest's Display stops at the outermost error; the cause chain holds the useful part
+    // reqwest's Display stops at the outermost error; the cause chain contains the useful part
     // ("connection refused").
     let mut reason = source.to_string();
     let mut cause = std::error::Error::source(&source);
@@ -258,8 +258,8 @@ fn transport_error(endpoint: &str, timeout: Duration, source: reqwest::Error) ->
     }
 }
 
-/// A number in [0, 1) for retry jitter. It needs to differ between clients, not to be unpredictable, so
-/// the sub-second part of the wall clock is enough.
+/// Returns a number in [0, 1) for retry jitter. It needs to differ between clients, not to be unpredictable,
+/// so the sub-second part of the wall clock is enough.
 fn jitter_unit() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

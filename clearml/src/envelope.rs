@@ -1,4 +1,4 @@
-//! The response envelope that clearml-server wraps around every answer:
+//! The response envelope that clearml-server wraps around every response:
 //! `{"meta": {"result_code": 200, "result_subcode": 0, "result_msg": "OK", ...}, "data": {...}}`.
 
 use serde::Deserialize;

@@ -1,10 +1,10 @@
 use std::time::Duration;
 
 /// Every way a ClearML API call can fail. Each variant names the endpoint, so a log line or an error
-/// chain says which call failed without more context.
+/// chain shows which call failed without more context.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The server answered with an error envelope (HTTP status >= 400, or `result_code` != 200).
+    /// The server returned an error envelope (HTTP status >= 400, or `result_code` != 200).
     #[error(
         "ClearML API call {endpoint} failed: HTTP {http_status}, result_code {result_code}, result_subcode {result_subcode}: {result_msg}"
     )]
@@ -16,7 +16,7 @@ pub enum Error {
         result_msg: String,
     },
 
-    /// The server answered, but the body is not the envelope or the data does not match the schema.
+    /// The server responded, but the body is not the envelope or the data does not match the schema.
     #[error(
         "ClearML API call {endpoint} returned an invalid response (HTTP {http_status}): {reason}; check that api_server points at a ClearML API server of a supported version"
     )]

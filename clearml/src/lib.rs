@@ -1,7 +1,7 @@
 //! Typed async client for the ClearML REST API, shared by the coordinator and the node agent.
 //!
 //! Each call is a POST of a JSON request to `/v{api_version}/{service}.{action}`; the server wraps every
-//! answer in an envelope whose `meta` carries `result_code`, `result_subcode` and `result_msg`. The
+//! response in an envelope whose `meta` carries `result_code`, `result_subcode` and `result_msg`. The
 //! [`Client`] logs in with the access and secret key (HTTP Basic), sends the returned token on later
 //! calls, logs in again once when the token is rejected, and retries transient failures only for calls
 //! that are safe to repeat.

@@ -200,8 +200,8 @@ impl Queues<'_> {
     }
 
     /// Removes a task entry from the queue. Returns false when the task was not in the queue, which the
-    /// server reports as error 400/703 (`invalid_queue_or_task_not_queued`); a retry after a lost
-    /// response lands there too.
+    /// server reports as error 400/703 (`invalid_queue_or_task_not_queued`). A retry after a lost response
+    /// gets the same error.
     pub async fn remove_task(&self, queue: &str, task: &str) -> Result<bool, Error> {
         let result: Result<RemovedResponse, Error> = self
             .client

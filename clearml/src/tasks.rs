@@ -125,7 +125,7 @@ pub struct Execution {
     pub queue: Option<String>,
 }
 
-/// The container a task asks to run in; it overrides the agent's default image.
+/// The container a task requests, which overrides the agent's default image.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Container {
     #[serde(default)]

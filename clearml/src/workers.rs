@@ -94,7 +94,7 @@ pub struct StatusReport {
     pub queue: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<Vec<String>>,
-    /// UNIX time in milliseconds. The schema's text says seconds, but clearml-agent 3.0 sends
+    /// UNIX time in milliseconds. The schema describes seconds, but clearml-agent 3.0 sends
     /// milliseconds (`clearml_agent/helper/resource_monitor.py`), so this client does the same.
     pub timestamp: i64,
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -175,7 +175,7 @@ impl BootstrapRecord {
 
     /// Accepts the registration of `instance_id` with `presented`, if the token matches, the instance belongs
     /// to this launch (`launched` contains the instance ids the cloud reported for the intent) and has not
-    /// registered before. The caller stores the updated record before it answers the agent.
+    /// registered before. The caller stores the updated record before it responds to the agent.
     pub fn redeem(
         &mut self,
         presented: &str,

@@ -117,7 +117,7 @@ impl EtcdPool {
     }
 
     /// Runs `request` on one member after another, starting with the one that responded last, until one
-    /// answers or every member failed with an error that another member might not have.
+    /// responds or every member failed with an error that another member might not have.
     pub async fn run<T, F, Fut>(&self, operation: &str, request: F) -> Result<T, EtcdError>
     where
         F: Fn(Client) -> Fut,

@@ -13,7 +13,7 @@ use clearml_api::{Client, Error};
 /// Fields requested from `queues.get_all`: the entries are all the fleet needs of a queue.
 const QUEUE_FIELDS: [&str; 3] = ["id", "name", "entries"];
 
-/// What one poll saw.
+/// The result of one poll.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
     /// When the poll started (the caller's clock), so the data is at least this old.

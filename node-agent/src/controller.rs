@@ -1,6 +1,6 @@
 //! The agent's main loop: idle checks, the termination protocol, spot notices, SIGTERM and operator commands.
 //!
-//! The termination protocol closes the gate before it asks the coordinator, not after the grant. Closing waits
+//! The termination protocol closes the gate before it requests termination from the coordinator, not after the grant. Closing waits
 //! for polls already forwarded, so when the gate reports no held task, none can start until it opens again:
 //! a grant then never races with a task taken in between. A refusal or a failed request opens the gate again.
 
@@ -197,7 +197,7 @@ impl Agent {
         }
     }
 
-    /// Closes the gate, confirms the worker took no task, and asks the coordinator to terminate.
+    /// Closes the gate, confirms the worker took no task, and requests termination from the coordinator.
     async fn request_termination(&self, state: &mut LoopState) -> Option<Exit> {
         if let Some(task) = self.gate.close().await {
             tracing::info!(instance_id = %self.instance_id, task_id = %task.task_id, "worker took a task while the gate closed; not asking to terminate");
@@ -228,7 +228,7 @@ impl Agent {
                 } else {
                     self.timeouts.termination_retry
                 };
-                tracing::info!(instance_id = %self.instance_id, reason = %response.reason, retry_after_s = retry.as_secs(), "termination refused; the instance stays");
+                tracing::info!(instance_id = %self.instance_id, reason = %response.reason, retry_after_s = retry.as_secs(), "termination rejected by the coordinator; the instance keeps running");
                 state.next_request_at = Instant::now() + retry;
                 self.open_gate_unless_drained(state);
                 None

@@ -51,7 +51,7 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
-    /// Returns true when the coordinator could not be reached, as opposed to answering with an error.
+    /// Returns true when the coordinator could not be reached, as opposed to returning an error.
     pub fn is_unreachable(&self) -> bool {
         match self {
             CoordinatorError::Call { status, .. } => matches!(
@@ -73,7 +73,7 @@ pub struct Registration {
 /// A client for the coordinators' AgentService that fails over between endpoints.
 pub struct CoordinatorClient {
     channels: Vec<(String, Channel)>,
-    /// Index of the endpoint that answered last; calls start there.
+    /// Index of the endpoint that responded last, where calls start.
     current: AtomicUsize,
     session_token: Mutex<Option<Secret>>,
 }
@@ -245,7 +245,7 @@ impl CoordinatorClient {
         request
     }
 
-    /// Calls `send` on the endpoint that answered last, then on the others while they are unreachable.
+    /// Calls `send` on the endpoint that responded last, then on the others while they are unreachable.
     async fn call<T, F, Fut>(&self, call: &'static str, send: F) -> Result<T, CoordinatorError>
     where
         F: Fn(AgentServiceClient<Channel>) -> Fut,

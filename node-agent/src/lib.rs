@@ -1,7 +1,7 @@
 //! The clearml-fleet node agent, which runs on every instance beside `clearml-agent`.
 //!
 //! It registers with the coordinator, runs clearml-agent behind a local API gate that observes which task the
-//! worker holds, asks the coordinator for permission to terminate when the machine idles, and puts a running
+//! worker holds, requests permission to terminate from the coordinator when the machine idles, and puts a running
 //! task back at the head of its queue when the cloud reclaims the machine.
 
 pub mod clearml_conf;

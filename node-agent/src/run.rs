@@ -98,8 +98,8 @@ pub async fn run(config: Config, mut sigterm: mpsc::Receiver<()>) -> Result<Exit
     let imds = Arc::new(ImdsClient::new(config.imds.endpoint.clone()).map_err(StartError::Imds)?);
     let coordinator = Arc::new(CoordinatorClient::new(&config.coordinator)?);
 
-    // Startup can retry for up to twice registration_timeout; a stop signal must end it at once, before
-    // clearml-agent has started, so there is nothing to drain.
+    // Startup can retry for up to twice registration_timeout. A stop signal ends it at once, and because
+    // clearml-agent has not started yet, there is nothing to drain.
     let startup = register_instance(&config, &imds, &coordinator);
     let (instance_id, registration) = tokio::select! {
         result = startup => result?,
@@ -285,8 +285,8 @@ fn child_spec(
     let mut args = vec!["daemon".to_owned(), "--queue".to_owned()];
     args.extend(registered.queues.iter().cloned());
     // NOTE: docker mode is untested. The container's clearml-agent reports task status through the gate's
-    // address in clearml.conf, which must be reachable from the container (not 127.0.0.1 on docker's default
-    // bridge network); agent.gate_listen sets it.
+    // address in clearml.conf, so that address must be reachable from the container. On docker's default
+    // bridge network 127.0.0.1 is not, and agent.gate_listen sets the address.
     if !registered.docker_image.is_empty() {
         args.push("--docker".to_owned());
         args.push(registered.docker_image.clone());

@@ -1,5 +1,5 @@
 //! Spot interruption and SIGTERM with the real clearml-agent: a running task goes back to the head of its queue
-//! with a status message that says why, and nothing is left in_progress.
+//! with a status message that gives the reason, and nothing is left in_progress.
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //!
 //! The gate forwards every call unchanged and watches two kinds: `queues.get_next_task`, whose response names
 //! the task the worker took, and the final task status calls, which tell when it let go. Once closed it
-//! answers `queues.get_next_task` with the server's empty result, so the worker takes no new task while a
+//! returns the server's empty result to `queues.get_next_task`, so the worker takes no new task while a
 //! running one goes on. Closing waits for polls already forwarded, so after [`Gate::close`] returns, the held
 //! task it reports is final until the gate opens again.
 

@@ -91,7 +91,7 @@ pub(crate) mod errors {
 
     type Kwargs<'a> = &'a [(&'a str, Value)];
 
-    /// The server's `validate_required_fields` error, which names the missing fields in a `missing` list.
+    /// Builds the server's `validate_required_fields` error, which names the missing fields in a `missing` list.
     pub fn missing_required_fields(field: &str) -> ApiError {
         ApiError::new(
             400,

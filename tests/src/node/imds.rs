@@ -1,6 +1,6 @@
 //! A fake EC2 instance metadata service that speaks IMDSv2 only, with settable spot and rebalance notices.
 //!
-//! Like EC2 with `HttpTokens=required`, it answers 401 to any read without a valid `X-aws-ec2-metadata-token`
+//! Like EC2 with `HttpTokens=required`, it returns 401 for any read without a valid `X-aws-ec2-metadata-token`
 //! header and counts those reads, so a test can assert that the agent never tried token-less IMDSv1.
 
 use std::net::SocketAddr;
