@@ -173,6 +173,17 @@ impl BootstrapRecord {
         (token, record)
     }
 
+    /// The stored side of a token derived elsewhere (see [`crate::keys::AgentKeys::bootstrap_token`]).
+    pub fn for_token(intent_id: &str, token: &Secret, count: u32, now_ms: u64) -> BootstrapRecord {
+        BootstrapRecord {
+            intent_id: intent_id.to_owned(),
+            digest: TokenDigest::of(token.expose()),
+            count,
+            redeemed_by: BTreeSet::new(),
+            created_ms: now_ms,
+        }
+    }
+
     /// Accepts the registration of `instance_id` with `presented`, if the token matches, the instance belongs
     /// to this launch (`launched` contains the instance ids the cloud reported for the intent) and has not
     /// registered before. The caller stores the updated record before it responds to the agent.

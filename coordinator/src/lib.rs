@@ -4,6 +4,7 @@ pub mod auth;
 pub mod config;
 pub mod election;
 pub mod etcd;
+pub mod keys;
 pub mod policy;
 pub mod poller;
 pub mod providers;

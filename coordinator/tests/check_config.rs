@@ -15,7 +15,11 @@ fn check_config(file: &Path, secrets: bool) -> Output {
             .env("CLEARML_API_ACCESS_KEY", "example-access")
             .env("CLEARML_API_SECRET_KEY", "example-secret")
             .env("FLEET_OPERATOR_TOKEN", "example-operator-token")
-            .env("FLEET_VIEWER_TOKEN", "example-viewer-token");
+            .env("FLEET_VIEWER_TOKEN", "example-viewer-token")
+            .env(
+                "FLEET_BOOTSTRAP_KEY",
+                "example-bootstrap-key-of-32-characters",
+            );
     }
     command.output().expect("fleet-coordinator runs")
 }

@@ -133,6 +133,12 @@ pub struct ApiSection {
     pub client_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub tokens: Vec<TokenSection>,
+    /// The key that signs bootstrap and session tokens of node agents, shared by every replica.
+    pub bootstrap_key_env: Option<String>,
+    pub bootstrap_key_file: Option<PathBuf>,
+    /// Coordinator URLs the node agents register with, written into their bootstrap config.
+    #[serde(default)]
+    pub agent_endpoints: Vec<String>,
 }
 
 impl Default for ApiSection {
@@ -144,6 +150,9 @@ impl Default for ApiSection {
             tls_key_file: None,
             client_ca_file: None,
             tokens: Vec::new(),
+            bootstrap_key_env: None,
+            bootstrap_key_file: None,
+            agent_endpoints: Vec::new(),
         }
     }
 }

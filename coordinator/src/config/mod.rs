@@ -68,6 +68,11 @@ pub struct ApiConfig {
     pub http_listen: SocketAddr,
     pub tls: Option<TlsFiles>,
     pub tokens: Vec<ApiToken>,
+    /// Key of the node agents' bootstrap and session tokens; `None` only for a standalone coordinator, which
+    /// then makes a random one at start.
+    pub bootstrap_key: Option<Secret>,
+    /// Coordinator URLs written into the node agents' bootstrap config.
+    pub agent_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

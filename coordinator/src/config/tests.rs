@@ -19,6 +19,7 @@ fn env() -> FakeEnvironment {
         ("CLEARML_API_ACCESS_KEY", "ACCESS"),
         ("CLEARML_API_SECRET_KEY", SECRET),
         ("FLEET_OPERATOR_TOKEN", "operator-token"),
+        ("FLEET_BOOTSTRAP_KEY", "0123456789abcdef0123456789abcdef"),
     ]))
 }
 
@@ -42,6 +43,7 @@ max_instances = 40
 
 [api]
 grpc_listen = "0.0.0.0:7443"
+bootstrap_key_env = "FLEET_BOOTSTRAP_KEY"
 
 [[api.tokens]]
 name = "ops"

@@ -76,6 +76,17 @@ pub(super) fn check(
         .as_ref()
         .map(|section| build_aws(section, file, &resources, &mut problems));
     check_provider_sections(file, &mut problems);
+    if file.etcd.is_some()
+        && file.api.bootstrap_key_env.is_none()
+        && file.api.bootstrap_key_file.is_none()
+    {
+        problems.add(
+            "api.bootstrap_key_env",
+            "(missing)",
+            "replicas must share the key that signs the node agents' tokens; set api.bootstrap_key_env or \
+             api.bootstrap_key_file (at least 32 characters, for example from `openssl rand -hex 32`)",
+        );
+    }
 
     if !problems.0.is_empty() {
         return Err(problems.0);
@@ -525,6 +536,38 @@ fn check_api(
         }
     }
 
+    let bootstrap_key = match (&section.bootstrap_key_env, &section.bootstrap_key_file) {
+        (Some(var), None) => read_secret_env("api.bootstrap_key_env", var, env, problems),
+        (None, Some(path)) => read_secret_file("api.bootstrap_key_file", path, base_dir, problems),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            problems.add(
+                "api.bootstrap_key_env",
+                "(see bootstrap_key_file)",
+                "set at most one of bootstrap_key_env and bootstrap_key_file",
+            );
+            None
+        }
+    };
+    if let Some(key) = &bootstrap_key
+        && key.expose().len() < 32
+    {
+        problems.add(
+            "api.bootstrap_key_env",
+            format!("({} characters)", key.expose().len()),
+            "the bootstrap key must have at least 32 characters; generate one with `openssl rand -hex 32`",
+        );
+    }
+    for (index, endpoint) in section.agent_endpoints.iter().enumerate() {
+        if !is_http_url(endpoint) {
+            problems.add(
+                format!("api.agent_endpoints[{index}]"),
+                format!("{endpoint:?}"),
+                "must be an http:// or https:// URL, for example https://coordinator-0.fleet.internal:7443",
+            );
+        }
+    }
+
     if problems.0.len() > before {
         return None;
     }
@@ -533,6 +576,8 @@ fn check_api(
         http_listen: http_listen?,
         tls,
         tokens,
+        bootstrap_key,
+        agent_endpoints: section.agent_endpoints.clone(),
     })
 }
 

@@ -20,6 +20,7 @@ pub use records::{
     QueueLimits, RuntimeOverrides, State, TerminationGrant, Transition,
 };
 
+use crate::auth::BootstrapRecord;
 use crate::election::Term;
 use crate::etcd::{EtcdError, EtcdPool};
 
@@ -126,6 +127,12 @@ impl EtcdStateStore {
                 Change::DeleteBackoff(offering) => {
                     operations.push(TxnOp::delete(self.key("backoffs", offering), None));
                 }
+                Change::PutBootstrap(record) => {
+                    operations.push(self.put("bootstraps", &record.intent_id, record))
+                }
+                Change::DeleteBootstrap(intent_id) => {
+                    operations.push(TxnOp::delete(self.key("bootstraps", intent_id), None))
+                }
                 Change::AppendEvent(event) => {
                     let value = serde_json::to_vec(event).expect("records always serialize");
                     operations.push(TxnOp::put(self.event_key(event.sequence), value, None));
@@ -148,62 +155,7 @@ impl EtcdStateStore {
 #[async_trait]
 impl StateStore for EtcdStateStore {
     async fn load(&self) -> Result<State, StateError> {
-        let root = self.root.clone();
-        let response = self
-            .pool
-            .run("load state", move |mut client| {
-                let root = root.clone();
-                async move {
-                    client
-                        .get(root, Some(GetOptions::new().with_prefix()))
-                        .await
-                }
-            })
-            .await?;
-
-        let mut state = State::default();
-        for kv in response.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let Some(rest) = key.strip_prefix(&self.root) else {
-                continue;
-            };
-            let (kind, _) = rest.split_once('/').unwrap_or((rest, ""));
-            let corrupt = |err: serde_json::Error| StateError::CorruptRecord {
-                key: key.clone(),
-                reason: err.to_string(),
-            };
-            match kind {
-                "instances" => {
-                    let record: InstanceRecord =
-                        serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                    state.instances.insert(record.key.clone(), record);
-                }
-                "intents" => {
-                    let intent: LaunchIntent =
-                        serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                    state.intents.insert(intent.id.clone(), intent);
-                }
-                "grants" => {
-                    let grant: TerminationGrant =
-                        serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                    state.grants.insert(grant.instance_id.clone(), grant);
-                }
-                "overrides" => {
-                    state.overrides = serde_json::from_slice(kv.value()).map_err(corrupt)?
-                }
-                "backoffs" => {
-                    let backoff: BackoffRecord =
-                        serde_json::from_slice(kv.value()).map_err(corrupt)?;
-                    state.backoffs.insert(backoff.offering.clone(), backoff);
-                }
-                // Keys sort by zero-padded sequence, so events arrive oldest first.
-                "events" => state
-                    .events
-                    .push(serde_json::from_slice(kv.value()).map_err(corrupt)?),
-                _ => tracing::warn!(key = %key, "unknown key under the state prefix; ignored"),
-            }
-        }
-        Ok(state)
+        load_from_etcd(&self.pool, &self.root).await
     }
 
     async fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
@@ -224,6 +176,73 @@ impl StateStore for EtcdStateStore {
             .await?;
         Ok(())
     }
+}
+
+/// Reads the records of the cluster rooted at `key_prefix` without a term, as a follower does to serve reads.
+pub async fn read_etcd_state(pool: &EtcdPool, key_prefix: &str) -> Result<State, StateError> {
+    load_from_etcd(
+        pool,
+        &format!("{}/state/", key_prefix.trim_end_matches('/')),
+    )
+    .await
+}
+
+async fn load_from_etcd(pool: &EtcdPool, root: &str) -> Result<State, StateError> {
+    let root_owned = root.to_owned();
+    let response = pool
+        .run("load state", move |mut client| {
+            let root = root_owned.clone();
+            async move {
+                client
+                    .get(root, Some(GetOptions::new().with_prefix()))
+                    .await
+            }
+        })
+        .await?;
+
+    let mut state = State::default();
+    for kv in response.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let Some(rest) = key.strip_prefix(root) else {
+            continue;
+        };
+        let (kind, _) = rest.split_once('/').unwrap_or((rest, ""));
+        let corrupt = |err: serde_json::Error| StateError::CorruptRecord {
+            key: key.clone(),
+            reason: err.to_string(),
+        };
+        match kind {
+            "instances" => {
+                let record: InstanceRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                state.instances.insert(record.key.clone(), record);
+            }
+            "intents" => {
+                let intent: LaunchIntent = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                state.intents.insert(intent.id.clone(), intent);
+            }
+            "grants" => {
+                let grant: TerminationGrant =
+                    serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                state.grants.insert(grant.instance_id.clone(), grant);
+            }
+            "overrides" => state.overrides = serde_json::from_slice(kv.value()).map_err(corrupt)?,
+            "backoffs" => {
+                let backoff: BackoffRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                state.backoffs.insert(backoff.offering.clone(), backoff);
+            }
+            "bootstraps" => {
+                let record: BootstrapRecord =
+                    serde_json::from_slice(kv.value()).map_err(corrupt)?;
+                state.bootstraps.insert(record.intent_id.clone(), record);
+            }
+            // Keys sort by zero-padded sequence, so events arrive oldest first.
+            "events" => state
+                .events
+                .push(serde_json::from_slice(kv.value()).map_err(corrupt)?),
+            _ => tracing::warn!(key = %key, "unknown key under the state prefix; ignored"),
+        }
+    }
+    Ok(state)
 }
 
 /// Records in one JSON file, for a standalone coordinator. Each apply writes a new file and renames it over

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::BootstrapRecord;
+
 /// Transitions kept per instance; older ones are dropped first.
 pub const MAX_HISTORY: usize = 32;
 
@@ -166,6 +168,9 @@ pub struct State {
     pub grants: BTreeMap<String, TerminationGrant>,
     pub overrides: RuntimeOverrides,
     pub backoffs: BTreeMap<String, BackoffRecord>,
+    /// Bootstrap token digests of launches whose instances may still register, keyed by intent id.
+    #[serde(default)]
+    pub bootstraps: BTreeMap<String, BootstrapRecord>,
     /// The newest events, oldest first.
     pub events: Vec<Event>,
 }
@@ -189,6 +194,9 @@ pub enum Change {
     PutOverrides(RuntimeOverrides),
     PutBackoff(BackoffRecord),
     DeleteBackoff(String),
+    PutBootstrap(BootstrapRecord),
+    /// Removes a launch's bootstrap record by intent id.
+    DeleteBootstrap(String),
     /// Appends an event; the store drops the oldest beyond its event limit.
     AppendEvent(Event),
 }
@@ -223,6 +231,13 @@ impl State {
                 }
                 Change::DeleteBackoff(offering) => {
                     self.backoffs.remove(offering);
+                }
+                Change::PutBootstrap(record) => {
+                    self.bootstraps
+                        .insert(record.intent_id.clone(), record.clone());
+                }
+                Change::DeleteBootstrap(intent_id) => {
+                    self.bootstraps.remove(intent_id);
                 }
                 Change::AppendEvent(event) => {
                     self.events.push(event.clone());

@@ -5,9 +5,15 @@
 //! leader acts on is always what a successor would load. Instances are keyed `<intent id>/<index>` from the
 //! moment the launch is decided, before the cloud has given them an id.
 
+mod agents;
+mod upkeep;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use agents::{Adoption, Registration};
+
+use crate::auth::{BootstrapError, BootstrapRecord};
 use crate::policy::{self, InstanceView, QueueView, Snapshot};
 use crate::store::{
     Change, Event, InstanceRecord, InstanceState, LaunchIntent, State, StateError, StateStore,
@@ -22,6 +28,8 @@ pub enum RegistryError {
     UnknownInstance { key: String },
     #[error("no open launch intent {intent_id}")]
     UnknownIntent { intent_id: String },
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
     #[error("instance {key} is {state:?}; {action} needs it in {expected}")]
     InvalidTransition {
         key: String,
@@ -41,6 +49,8 @@ pub struct LaunchDecision {
     pub offering: String,
     pub hourly_price_usd: f64,
     pub count: u32,
+    /// Digest of the launch's bootstrap token, stored with the intent.
+    pub bootstrap: Option<BootstrapRecord>,
 }
 
 /// An instance the cloud reported for a launch.
@@ -139,6 +149,9 @@ impl Registry {
             term: self.term,
         };
         let mut changes = vec![Change::PutIntent(intent.clone())];
+        if let Some(bootstrap) = &decision.bootstrap {
+            changes.push(Change::PutBootstrap(bootstrap.clone()));
+        }
         for index in 0..decision.count {
             let mut record = InstanceRecord::new(
                 &decision.intent_id,
@@ -364,6 +377,14 @@ impl Registry {
         if let Some(instance_id) = &record.instance_id {
             changes.push(Change::DeleteGrant(instance_id.clone()));
         }
+        let others_live = self.state.instances.values().any(|other| {
+            other.intent_id == record.intent_id
+                && other.key != record.key
+                && other.state != InstanceState::Terminated
+        });
+        if !others_live && self.state.bootstraps.contains_key(&record.intent_id) {
+            changes.push(Change::DeleteBootstrap(record.intent_id.clone()));
+        }
         changes.push(self.event(
             "instance.terminated",
             now_ms,
@@ -488,6 +509,7 @@ mod tests {
             offering: "g5.xlarge/us-east-1a/spot".to_owned(),
             hourly_price_usd: 0.45,
             count,
+            bootstrap: None,
         }
     }
 
