@@ -17,6 +17,7 @@ fn request(queue: &str, intent_id: &str) -> LaunchRequest {
         resource: "cpu".to_owned(),
         intent_id: intent_id.to_owned(),
         tags: BTreeMap::from([("team".to_owned(), "vision".to_owned())]),
+        boot_values: BTreeMap::new(),
     }
 }
 

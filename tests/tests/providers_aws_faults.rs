@@ -18,6 +18,7 @@ fn request(intent_id: &str) -> LaunchRequest {
         resource: "cpu".to_owned(),
         intent_id: intent_id.to_owned(),
         tags: BTreeMap::new(),
+        boot_values: BTreeMap::new(),
     }
 }
 

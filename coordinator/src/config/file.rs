@@ -87,6 +87,13 @@ pub struct DefaultsSection {
     pub orphan_timeout_seconds: u64,
     #[serde(default = "default_max_launches_per_tick")]
     pub max_launches_per_tick: u32,
+    /// How often the reconciler compares the cloud, the records and ClearML's workers.
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval_seconds: u64,
+    /// Age below which an instance with this cluster's tags and no record is left alone, because the cloud's
+    /// listing can lag behind a launch.
+    #[serde(default = "default_orphan_grace")]
+    pub orphan_grace_seconds: u64,
 }
 
 impl Default for DefaultsSection {
@@ -98,6 +105,8 @@ impl Default for DefaultsSection {
             heartbeat_timeout_seconds: default_heartbeat_timeout(),
             orphan_timeout_seconds: default_orphan_timeout(),
             max_launches_per_tick: default_max_launches_per_tick(),
+            reconcile_interval_seconds: default_reconcile_interval(),
+            orphan_grace_seconds: default_orphan_grace(),
         }
     }
 }
@@ -290,6 +299,12 @@ fn default_orphan_timeout() -> u64 {
 }
 fn default_max_launches_per_tick() -> u32 {
     20
+}
+fn default_reconcile_interval() -> u64 {
+    30
+}
+fn default_orphan_grace() -> u64 {
+    120
 }
 fn default_cluster_max() -> u32 {
     100

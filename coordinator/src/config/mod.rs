@@ -37,6 +37,9 @@ pub struct Config {
     pub clearml: ClearmlConfig,
     pub policy: PolicyConfig,
     pub orphan_timeout: Duration,
+    pub reconcile_interval: Duration,
+    /// Instances with the cluster's tags and no record are left alone while younger than this.
+    pub orphan_grace: Duration,
     pub api: ApiConfig,
     pub aws: Option<AwsConfig>,
     pub local: Option<LocalConfig>,

@@ -128,6 +128,8 @@ pub(super) fn check(
         clearml,
         policy,
         orphan_timeout: Duration::from_secs(defaults.orphan_timeout_seconds),
+        reconcile_interval: Duration::from_secs(defaults.reconcile_interval_seconds),
+        orphan_grace: Duration::from_secs(defaults.orphan_grace_seconds),
         api,
         aws: aws.flatten(),
         local,
@@ -372,6 +374,20 @@ fn read_secret_file(
 
 fn check_defaults(file: &ConfigFile, problems: &mut Problems) {
     let defaults = &file.defaults;
+    problems.range(
+        "defaults.reconcile_interval_seconds",
+        defaults.reconcile_interval_seconds,
+        1,
+        3_600,
+        " seconds",
+    );
+    problems.range(
+        "defaults.orphan_grace_seconds",
+        defaults.orphan_grace_seconds,
+        0,
+        3_600,
+        " seconds",
+    );
     problems.range(
         "defaults.max_idle_seconds",
         defaults.max_idle_seconds,

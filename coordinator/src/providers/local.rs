@@ -137,6 +137,7 @@ impl LocalProvider {
         &self,
         id: &str,
         tags: &BTreeMap<String, String>,
+        boot_values: &BTreeMap<String, clearml_api::Secret>,
     ) -> Result<LocalInstance, ProviderError> {
         let dir = self.instance_dir(id);
         let dir_error = |source| ProviderError::InstanceDir {
@@ -174,6 +175,12 @@ impl LocalProvider {
             if let Some(value) = tags.get(key) {
                 command.env(variable, value);
             }
+        }
+        for (name, value) in boot_values {
+            command.env(
+                format!("FLEET_{}", name.to_ascii_uppercase()),
+                value.expose(),
+            );
         }
 
         let child = command.spawn().map_err(|source| ProviderError::Spawn {
@@ -254,7 +261,7 @@ impl CloudProvider for LocalProvider {
         let mut outcome = LaunchOutcome::default();
         for _ in 0..count {
             let id = format!("local-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-            let instance = match self.spawn(&id, &tags) {
+            let instance = match self.spawn(&id, &tags, &request.boot_values) {
                 Ok(instance) => instance,
                 Err(error) if outcome.instances.is_empty() => return Err(error),
                 Err(error) => {
@@ -397,6 +404,7 @@ mod tests {
             resource: "cpu".into(),
             intent_id: intent.into(),
             tags: BTreeMap::new(),
+            boot_values: BTreeMap::new(),
         }
     }
 

@@ -126,6 +126,10 @@ pub struct LaunchRequest {
     pub intent_id: String,
     /// Tags added to the instance and its volumes besides the fleet tags and the resource's own tags.
     pub tags: BTreeMap<String, String>,
+    /// Values the instance needs at boot, such as its bootstrap token and the coordinator endpoints: the
+    /// `{{name}}` placeholders of an AWS user-data template, or `FLEET_<NAME>` variables of a local process.
+    /// Kept as secrets so no log line shows them.
+    pub boot_values: BTreeMap<String, clearml_api::Secret>,
 }
 
 /// Instances selected by tags: an instance matches when it has every listed tag with the listed value.
@@ -265,6 +269,7 @@ mod tests {
                 ("team".to_owned(), "vision".to_owned()),
                 (TAG_QUEUE.to_owned(), "spoofed".to_owned()),
             ]),
+            boot_values: BTreeMap::new(),
         };
         let resource_tags = BTreeMap::from([("Name".to_owned(), "fleet-gpu".to_owned())]);
 

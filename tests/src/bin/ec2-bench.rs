@@ -133,6 +133,7 @@ async fn launch_fleet(provider: &Arc<AwsProvider>, args: &Args) -> anyhow::Resul
                 resource: "cpu".to_owned(),
                 intent_id: intent_id.clone(),
                 tags: BTreeMap::new(),
+                boot_values: BTreeMap::new(),
             };
             provider.launch(&request, count, &intent_id).await
         });

@@ -329,6 +329,9 @@ impl AwsProvider {
             return Ok(None);
         };
         let mut vars = resource.user_data_vars.clone();
+        for (name, value) in &request.boot_values {
+            vars.insert(name.clone(), value.expose().to_owned());
+        }
         vars.insert("cluster".to_owned(), self.config.cluster.clone());
         vars.insert("queue".to_owned(), request.queue.clone());
         vars.insert("resource".to_owned(), request.resource.clone());
