@@ -12,4 +12,5 @@ pub mod policy;
 pub mod poller;
 pub mod providers;
 pub mod registry;
+pub mod server;
 pub mod store;

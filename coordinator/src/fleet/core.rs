@@ -413,6 +413,32 @@ impl FleetCore {
     }
 }
 
+impl FleetCore {
+    /// What the policy would do for `queue` now, without storing or calling anything.
+    pub async fn dry_run(&self, queue: &str) -> Result<Vec<Action>, FleetError> {
+        let observation = self.fresh_observation()?;
+        if self.config.policy.queue(queue).is_none() {
+            return Err(FleetError::UnknownQueue(queue.to_owned()));
+        }
+        let registry = self.registry.lock().await;
+        let policy = self.effective_policy(&registry.state().overrides);
+        let actions = decide_for(&registry, &policy, &observation, now_ms(), Vec::new());
+        Ok(actions
+            .into_iter()
+            .filter(|action| match action {
+                Action::Launch { queue: name, .. } | Action::Hold { queue: name, .. } => {
+                    name == queue
+                }
+                Action::Terminate { instance, .. }
+                | Action::Grant { instance }
+                | Action::Refuse { instance, .. } => registry
+                    .find(instance)
+                    .is_some_and(|record| record.queue == queue),
+            })
+            .collect())
+    }
+}
+
 /// Runs the policy over every configured queue with the observation's waiting counts.
 fn decide_for(
     registry: &Registry,

@@ -28,7 +28,7 @@ pub use self::core::{
     FleetCore, FleetError, LaunchJob, NotLeader, QueuePlan, TerminateJob, now_ms,
 };
 pub use cloud::{CloudActor, Launch, Terminate};
-pub use registry::RegistryActor;
+pub use registry::{RegistryActor, state_name};
 pub use supervisor::{Shutdown, Supervisor};
 
 /// Handles of a running fleet, which the API servers use while this replica leads.

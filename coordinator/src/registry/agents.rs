@@ -172,6 +172,18 @@ impl Registry {
         Ok(record)
     }
 
+    /// Stores the bootstrap record of a launch unless one exists, for an adopted instance whose launch record
+    /// was lost.
+    pub async fn ensure_bootstrap(
+        &mut self,
+        record: crate::auth::BootstrapRecord,
+    ) -> Result<(), RegistryError> {
+        if self.state.bootstraps.contains_key(&record.intent_id) {
+            return Ok(());
+        }
+        self.commit(vec![Change::PutBootstrap(record)]).await
+    }
+
     /// Tells whether a termination of the instance is already granted.
     pub fn is_granted(&self, key_or_instance_id: &str) -> bool {
         self.find(key_or_instance_id).is_some_and(|record| {
