@@ -1,6 +1,7 @@
 //! Test support for clearml-fleet: the ClearML API emulator, the EC2 test server, the process harness, the
 //! fake worker and the fleet simulator.
 
+pub mod cluster;
 pub mod ec2;
 pub mod emulator;
 pub mod etcd;

@@ -227,6 +227,18 @@ impl FleetCore {
                 Secret::new(self.config.api.agent_endpoints.join(",")),
             ),
         ]);
+        let endpoints_toml = self
+            .config
+            .api
+            .agent_endpoints
+            .iter()
+            .map(|endpoint| format!("\"{endpoint}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        values.insert(
+            "coordinator_endpoints_toml".to_owned(),
+            Secret::new(format!("[{endpoints_toml}]")),
+        );
         values.insert(
             "worker_prefix".to_owned(),
             Secret::new(self.config.worker_prefix.clone()),

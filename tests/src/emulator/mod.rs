@@ -282,6 +282,13 @@ impl Emulator {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Starts or ends an outage: while it lasts, every call fails with HTTP 503 and no envelope.
+    pub fn set_outage(&self, down: bool) {
+        self.shared
+            .outage
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Stops accepting connections and waits for open requests to finish, at most 5 s.
     pub async fn shutdown(mut self) {
         if let Some(shutdown) = self.shutdown.take() {

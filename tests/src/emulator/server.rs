@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State as AxumState};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::auth::{self, Identity};
@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub faults: Mutex<HashMap<String, VecDeque<Fault>>>,
     pub unknown_calls: Mutex<Vec<String>>,
+    /// While set, every call fails with HTTP 503 and no body, as from a load balancer whose backend is down.
+    pub outage: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -46,6 +48,7 @@ impl Shared {
             state: Mutex::new(state),
             faults: Mutex::new(HashMap::new()),
             unknown_calls: Mutex::new(Vec::new()),
+            outage: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -166,6 +169,9 @@ pub(crate) async fn handle_request(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if shared.outage.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable\n").into_response();
+    }
     let call_id = uuid::Uuid::new_v4().simple().to_string();
     let trx = ["X-ClearML-Trx", "X-Trains-Trx"]
         .iter()
