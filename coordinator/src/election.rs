@@ -103,6 +103,7 @@ enum Loss {
 /// A running campaign; [`Elector::shutdown`] resigns and releases the lease.
 pub struct Elector {
     role: watch::Receiver<Role>,
+    deadline: watch::Receiver<Option<Instant>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -112,13 +113,32 @@ impl Elector {
     /// wins and back to `Follower` the moment it can no longer be sure it leads.
     pub fn spawn(pool: Arc<EtcdPool>, config: ElectionConfig) -> Elector {
         let (role_sender, role) = watch::channel(Role::Follower);
+        let (deadline_sender, deadline) = watch::channel(None);
         let (stop, stop_receiver) = watch::channel(false);
-        let task = tokio::spawn(campaign_loop(pool, config, role_sender, stop_receiver));
-        Elector { role, stop, task }
+        let task = tokio::spawn(campaign_loop(
+            pool,
+            config,
+            role_sender,
+            deadline_sender,
+            stop_receiver,
+        ));
+        Elector {
+            role,
+            deadline,
+            stop,
+            task,
+        }
     }
 
     pub fn role(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// The instant until which the current term may act, `None` while this replica does not lead. It moves
+    /// forward with every keep-alive. Checking it besides the role guards against a process that was paused
+    /// (SIGSTOP, a long GC-like stall) and runs again before its election task has noticed the lost lease.
+    pub fn deadline(&self) -> watch::Receiver<Option<Instant>> {
+        self.deadline.clone()
     }
 
     /// Resigns (if leading), revokes the lease and waits for the campaign task to end.
@@ -165,6 +185,7 @@ async fn campaign_loop(
     pool: Arc<EtcdPool>,
     config: ElectionConfig,
     role: watch::Sender<Role>,
+    deadline: watch::Sender<Option<Instant>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let value = serde_json::to_vec(&LeaderInfo {
@@ -186,7 +207,8 @@ async fn campaign_loop(
         };
         retry_delay = Duration::from_millis(200);
 
-        let loss = run_term(&pool, &config, &value, lease, &role, &mut stop).await;
+        let loss = run_term(&pool, &config, &value, lease, &role, &deadline, &mut stop).await;
+        deadline.send_replace(None);
         role.send_replace(Role::Follower);
         if loss != Loss::Shutdown {
             warn!(replica = %config.replica_id, lease_id = lease.id, reason = ?loss, "campaign session ended; campaigning again");
@@ -224,6 +246,7 @@ async fn run_term(
     value: &[u8],
     lease: Lease,
     role: &watch::Sender<Role>,
+    deadline_out: &watch::Sender<Option<Instant>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Loss {
     let (valid_until_sender, mut valid_until) = watch::channel(lease.valid_until);
@@ -247,10 +270,12 @@ async fn run_term(
         return Loss::KeepAliveDeadline;
     }
     info!(replica = %config.replica_id, term = term.revision, lease_id = lease.id, "elected leader");
+    deadline_out.send_replace(Some(*valid_until.borrow()));
     role.send_replace(Role::Leader(term.clone()));
 
     let loss = loop {
         let deadline = *valid_until.borrow_and_update();
+        deadline_out.send_replace(Some(deadline));
         tokio::select! {
             loss = &mut keeper => break loss,
             _ = tokio::time::sleep_until(deadline) => break Loss::KeepAliveDeadline,
@@ -264,6 +289,7 @@ async fn run_term(
     };
 
     // Step down before anything else, so the actors stop at once.
+    deadline_out.send_replace(None);
     role.send_replace(Role::Follower);
     if loss == Loss::Shutdown {
         resign(pool, &leader).await;

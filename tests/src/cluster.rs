@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::ec2::{CLUSTER, Ec2TestBed, IMAGE_ID};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::etcd::EtcdCluster;
-use crate::harness::{ChildProcess, TestDir, free_port, wait_until_async};
+use crate::harness::{ChildProcess, PartitionProxy, TestDir, free_port, wait_until_async};
 
 /// Queue every test cluster serves.
 pub const QUEUE: &str = "cpu";
@@ -83,6 +83,8 @@ pub struct ReplicaStatus {
 
 pub struct Replica {
     pub id: String,
+    /// The replica reaches each etcd member through its own proxy, so a test can cut one replica off.
+    pub etcd_links: Vec<PartitionProxy>,
     pub grpc: u16,
     pub http: u16,
     pub config: PathBuf,
@@ -138,12 +140,22 @@ impl CoordinatorCluster {
         let mut replicas = Vec::new();
         for (index, (grpc, http)) in ports.iter().enumerate() {
             let id = format!("coordinator-{index}");
+            let mut etcd_links = Vec::new();
+            for endpoint in etcd.endpoints() {
+                let member: std::net::SocketAddr =
+                    endpoint.trim_start_matches("http://").parse()?;
+                etcd_links.push(PartitionProxy::start(member).await?);
+            }
+            let linked: Vec<String> = etcd_links
+                .iter()
+                .map(|link| format!("http://{}", link.addr()))
+                .collect();
             let text = config_text(
                 &id,
                 *grpc,
                 *http,
                 &agent_endpoints,
-                &etcd.endpoints(),
+                &linked,
                 &emulator.url(),
                 &ec2,
                 &dir,
@@ -153,6 +165,7 @@ impl CoordinatorCluster {
             std::fs::write(&config, text)?;
             replicas.push(Replica {
                 id,
+                etcd_links,
                 grpc: *grpc,
                 http: *http,
                 config,
@@ -204,6 +217,13 @@ impl CoordinatorCluster {
         let process = ChildProcess::spawn(&replica.id, command, self.dir.path())?;
         replica.process = Some(process);
         Ok(())
+    }
+
+    /// Cuts replica `index` off from every etcd member (`true`) or reconnects it (`false`).
+    pub fn cut_from_etcd(&self, index: usize, cut: bool) {
+        for link in &self.replicas[index].etcd_links {
+            link.set_cut(cut);
+        }
     }
 
     /// SIGKILLs replica `index`, as a crash would end it.

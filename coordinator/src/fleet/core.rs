@@ -90,6 +90,8 @@ pub struct FleetCore {
     pub clearml: clearml_api::Client,
     observation: watch::Sender<Option<Arc<Observation>>>,
     role: watch::Receiver<Role>,
+    /// Until when the term may act; see [`crate::election::Elector::deadline`].
+    deadline: watch::Receiver<Option<tokio::time::Instant>>,
     stopped: AtomicBool,
     /// Intents whose cloud call runs now, so the reconciler does not replay them at the same time.
     in_flight: std::sync::Mutex<BTreeSet<String>>,
@@ -110,6 +112,7 @@ impl FleetCore {
         metrics: Arc<Metrics>,
         clearml: clearml_api::Client,
         role: watch::Receiver<Role>,
+        deadline: watch::Receiver<Option<tokio::time::Instant>>,
     ) -> Self {
         let (observation, _) = watch::channel(None);
         Self {
@@ -122,6 +125,7 @@ impl FleetCore {
             clearml,
             observation,
             role,
+            deadline,
             stopped: AtomicBool::new(false),
             in_flight: std::sync::Mutex::new(BTreeSet::new()),
             unknown: std::sync::Mutex::new(BTreeMap::new()),
@@ -133,7 +137,11 @@ impl FleetCore {
     /// Fails unless this replica still leads this core's term. Checked before every cloud call.
     pub fn may_act(&self) -> Result<(), NotLeader> {
         let leads = !self.stopped.load(Ordering::SeqCst)
-            && matches!(&*self.role.borrow(), Role::Leader(term) if term.revision == self.term);
+            && matches!(&*self.role.borrow(), Role::Leader(term) if term.revision == self.term)
+            && self
+                .deadline
+                .borrow()
+                .is_some_and(|deadline| tokio::time::Instant::now() < deadline);
         if leads {
             Ok(())
         } else {

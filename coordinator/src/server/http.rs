@@ -13,6 +13,10 @@ use serde::Serialize;
 
 use super::Node;
 
+/// Limit on the etcd lookup of the leader in `/readyz` and `/status`, so probes answer quickly when etcd does
+/// not.
+const PROBE_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_millis(800);
+
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -30,7 +34,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.fleet().is_some() {
         return (StatusCode::OK, "ready: leader\n").into_response();
     }
-    match node.leader().await {
+    match node.leader_within(PROBE_LOOKUP_LIMIT).await {
         Some((leader, _)) => {
             (StatusCode::OK, format!("ready: follower of {leader}\n")).into_response()
         }
@@ -66,7 +70,7 @@ struct Status {
 
 async fn status(State(node): State<Arc<Node>>) -> Json<Status> {
     let fleet = node.fleet();
-    let leader = node.leader().await;
+    let leader = node.leader_within(PROBE_LOOKUP_LIMIT).await;
     Json(Status {
         cluster: node.config.cluster.clone(),
         replica_id: node.replica_id.clone(),

@@ -123,6 +123,11 @@ impl Node {
 
     /// The current leader's replica id and address, if one is elected.
     pub async fn leader(&self) -> Option<(String, String)> {
+        self.leader_within(FOLLOWER_READ_TIMEOUT).await
+    }
+
+    /// [`Node::leader`] with a limit on the etcd lookup, `None` when it takes longer.
+    pub async fn leader_within(&self, limit: Duration) -> Option<(String, String)> {
         if self.fleet().is_some() {
             return Some((self.replica_id.clone(), self.advertise_address.clone()));
         }
@@ -131,7 +136,7 @@ impl Node {
                 pool, election_key, ..
             } => {
                 let lookup = current_leader(pool, election_key);
-                match tokio::time::timeout(FOLLOWER_READ_TIMEOUT, lookup).await {
+                match tokio::time::timeout(limit, lookup).await {
                     Ok(Ok(Some(info))) => Some((info.replica_id, info.address)),
                     _ => None,
                 }

@@ -73,6 +73,8 @@ pub enum RunError {
     Provider(#[from] ProviderError),
     #[error("cannot set up the ClearML client: {0}")]
     Clearml(#[from] clearml_api::Error),
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -120,7 +122,8 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
 
     // A standalone replica's role never changes; the sender lives as long as the replica.
     let mut _standalone_role = None;
-    let (role, source, elector, pool, advertise) = if options.standalone {
+    let mut _standalone_deadline = None;
+    let (role, deadline, source, elector, pool, advertise) = if options.standalone {
         let path = options
             .state_file
             .clone()
@@ -132,9 +135,15 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
             lease_id: 0,
         }));
         _standalone_role = Some(sender);
+        // A standalone replica has no lease: its authority never runs out.
+        let (deadline_sender, deadline) = watch::channel(Some(
+            tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+        ));
+        _standalone_deadline = Some(deadline_sender);
         let store = Arc::new(FileStateStore::new(path));
         (
             role,
+            deadline,
             StateSource::File(store),
             None,
             None,
@@ -157,7 +166,14 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
             key_prefix: etcd.key_prefix.clone(),
             election_key: election.election_key.clone(),
         };
-        (elector.role(), source, Some(elector), Some(pool), advertise)
+        (
+            elector.role(),
+            elector.deadline(),
+            source,
+            Some(elector),
+            Some(pool),
+            advertise,
+        )
     };
 
     let node = Arc::new(Node::new(
@@ -191,11 +207,7 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
     let mut role_changes = role.clone();
     let mut fleet: Option<FleetHandle> = None;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| RunError::Listen {
-        key: "signals",
-        address: grpc_address,
-        source,
-    })?;
+        .map_err(RunError::Signals)?;
     loop {
         let current = role_changes.borrow_and_update().clone();
         match (&current, &fleet) {
@@ -210,6 +222,7 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
                     &metrics,
                     pool.as_ref(),
                     &role,
+                    &deadline,
                 )
                 .await;
                 if fleet.is_none() {
@@ -259,6 +272,7 @@ async fn become_leader(
     metrics: &Arc<Metrics>,
     pool: Option<&Arc<EtcdPool>>,
     role: &watch::Receiver<Role>,
+    deadline: &watch::Receiver<Option<tokio::time::Instant>>,
 ) -> Option<FleetHandle> {
     let store: Arc<dyn StateStore> = match (&node.source, pool, &config.etcd) {
         (StateSource::File(store), _, _) => store.clone(),
@@ -294,6 +308,7 @@ async fn become_leader(
         metrics.clone(),
         clearml.clone(),
         role.clone(),
+        deadline.clone(),
     ));
     let handle = fleet::start(core);
     node.set_fleet(Some(handle.clone()));

@@ -170,6 +170,8 @@ struct Shared {
     calls: Mutex<BTreeMap<String, usize>>,
     /// Parameters of every call received, in order.
     requests: Mutex<Vec<BTreeMap<String, String>>>,
+    /// When each recorded request arrived, in the order of `requests`.
+    arrivals: Mutex<Vec<std::time::Instant>>,
     /// Held for the whole of a RunInstances call with a token, so two calls with one token run one at a time.
     tokens: tokio::sync::Mutex<HashMap<String, TokenRecord>>,
 }
@@ -205,6 +207,7 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             calls: Mutex::new(BTreeMap::new()),
             requests: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
             tokens: tokio::sync::Mutex::new(HashMap::new()),
         });
 
@@ -266,10 +269,26 @@ impl FaultProxy {
             .collect()
     }
 
+    /// Returns every call of `action` received so far with the instant it arrived, in order.
+    pub fn timed_requests(
+        &self,
+        action: &str,
+    ) -> Vec<(std::time::Instant, BTreeMap<String, String>)> {
+        let requests = lock(&self.shared.requests);
+        let arrivals = lock(&self.shared.arrivals);
+        requests
+            .iter()
+            .zip(arrivals.iter())
+            .filter(|(params, _)| params.get("Action").map(String::as_str) == Some(action))
+            .map(|(params, at)| (*at, params.clone()))
+            .collect()
+    }
+
     /// Sets every call count to zero and clears the recorded requests.
     pub fn reset_calls(&self) {
         lock(&self.shared.calls).clear();
         lock(&self.shared.requests).clear();
+        lock(&self.shared.arrivals).clear();
     }
 }
 
@@ -301,7 +320,11 @@ async fn handle(
         url::form_urlencoded::parse(&body).into_owned().collect();
     let action = params.get("Action").cloned().unwrap_or_default();
     *lock(&shared.calls).entry(action.clone()).or_default() += 1;
-    lock(&shared.requests).push(params.clone());
+    {
+        let mut requests = lock(&shared.requests);
+        requests.push(params.clone());
+        lock(&shared.arrivals).push(std::time::Instant::now());
+    }
 
     let (delay, fault) = take_faults(&shared, &action, &params);
     if !delay.is_zero() {

@@ -4,10 +4,12 @@
 //! venv with the real ClearML clients, a deadline-bound wait, and a per-test temporary directory. The guard means
 //! no process outlives a failed test.
 
+mod partition;
 mod paths;
 mod process;
 mod wait;
 
+pub use partition::PartitionProxy;
 pub use paths::{TestDir, free_port, venv_bin, venv_dir};
 pub use process::ChildProcess;
 pub use wait::{wait_until, wait_until_async};
