@@ -51,17 +51,30 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
-    /// Returns true when the coordinator could not be reached, as opposed to returning an error.
+    /// Returns true when no coordinator leader could be reached, as opposed to a leader returning an error.
+    /// A replica that answers that it is not the leader counts as unreachable: it cannot serve the call.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            CoordinatorError::Call { status, .. } => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-            ),
+            CoordinatorError::Call { status, .. } => {
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                ) || is_not_leader(status)
+            }
             CoordinatorError::RegistrationTimedOut { .. } => true,
             _ => false,
         }
     }
+}
+
+/// Metadata key in which a follower names the leader's address when it refuses a call.
+const LEADER_METADATA: &str = "fleet-leader";
+
+/// Tells whether a coordinator replica refused the call because it is not the leader.
+fn is_not_leader(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && (status.metadata().contains_key(LEADER_METADATA)
+            || status.message().contains("is not the leader"))
 }
 
 /// The agent's configuration from a successful registration. Contains secrets: never log it.
@@ -315,4 +328,38 @@ fn channel(url: &Url, config: &CoordinatorConfig) -> Result<Channel, Coordinator
             .map_err(|error| invalid(format!("TLS setup failed: {error}")))?;
     }
     Ok(endpoint.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call_error(status: tonic::Status) -> CoordinatorError {
+        CoordinatorError::Call {
+            call: "heartbeat",
+            endpoint: "http://127.0.0.1:1".to_owned(),
+            status,
+        }
+    }
+
+    #[test]
+    fn a_follower_refusal_moves_to_the_next_endpoint() {
+        let mut status = tonic::Status::failed_precondition(
+            "replica coordinator-1 is not the leader; send writes to the leader coordinator-0 at 10.0.0.5:7443",
+        );
+        status
+            .metadata_mut()
+            .insert(LEADER_METADATA, "10.0.0.5:7443".parse().unwrap());
+        assert!(call_error(status).is_unreachable());
+    }
+
+    #[test]
+    fn a_leader_rejection_is_final() {
+        let status = tonic::Status::failed_precondition(
+            "instance i-1 is Terminated; a heartbeat needs it in booting, idle, busy, draining or terminating",
+        );
+        assert!(!call_error(status).is_unreachable());
+        assert!(!call_error(tonic::Status::permission_denied("token reused")).is_unreachable());
+        assert!(call_error(tonic::Status::unavailable("connection refused")).is_unreachable());
+    }
 }
