@@ -62,7 +62,9 @@ async fn bench(kills: usize, tasks: usize) -> anyhow::Result<()> {
     let mut cluster = CoordinatorCluster::start("bench-cluster", BINARY, options).await?;
     let log_filter = "warn".to_owned();
 
-    println!("cluster: 3 replicas, 3 etcd members, lease TTL {TTL_SECONDS} s, poll interval {POLL_SECONDS} s");
+    println!(
+        "cluster: 3 replicas, 3 etcd members, lease TTL {TTL_SECONDS} s, poll interval {POLL_SECONDS} s"
+    );
     println!();
     println!("failover: SIGKILL of the leader -> the new leader's first decision");
     let mut failovers = Vec::with_capacity(kills);
@@ -89,7 +91,10 @@ async fn bench(kills: usize, tasks: usize) -> anyhow::Result<()> {
         // The restarted replica rejoins as a follower before the next round.
         let deadline = Instant::now() + Duration::from_secs(30);
         while cluster.status(leader).await.is_none() {
-            anyhow::ensure!(Instant::now() < deadline, "restarted replica never answered");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "restarted replica never answered"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -16,10 +16,9 @@ const OUTAGE: Duration = Duration::from_secs(120);
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
 
@@ -32,7 +31,10 @@ async fn no_decision_on_stale_clearml_data_during_an_outage() {
     let mut cluster = CoordinatorCluster::start("clearml-outage", BINARY, options)
         .await
         .unwrap();
-    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
     cluster.enqueue_tasks(3).await.unwrap();
     cluster
         .wait_for_instances(3, Duration::from_secs(30))
@@ -48,11 +50,14 @@ async fn no_decision_on_stale_clearml_data_during_an_outage() {
 
     // One instance gets an agent, which reports idle like a real one.
     let (agent_instance, intent) = live[0].clone();
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", cluster.replicas[leader].grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = Channel::from_shared(format!(
+        "http://127.0.0.1:{}",
+        cluster.replicas[leader].grpc
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
     let mut agents = AgentServiceClient::new(channel);
     let token = AgentKeys::new(Secret::new(BOOTSTRAP_KEY)).bootstrap_token(&intent);
     let session = agents
@@ -122,7 +127,8 @@ async fn no_decision_on_stale_clearml_data_during_an_outage() {
         // The first request may still see the last fresh poll.
         if outage_start.elapsed() > Duration::from_secs(5) {
             assert!(
-                verdict.reason.contains("stale data") || verdict.reason.contains("current queue data"),
+                verdict.reason.contains("stale data")
+                    || verdict.reason.contains("current queue data"),
                 "{}",
                 verdict.reason
             );
@@ -140,5 +146,8 @@ async fn no_decision_on_stale_clearml_data_during_an_outage() {
         .await
         .unwrap();
     assert!(cluster.ec2.proxy.calls("RunInstances") > launches);
-    println!("decisions resumed {:?} after the outage ended", back.elapsed());
+    println!(
+        "decisions resumed {:?} after the outage ended",
+        back.elapsed()
+    );
 }

@@ -18,7 +18,10 @@ async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
     let mut cluster = CoordinatorCluster::start("etcd-loss", BINARY, ClusterOptions::default())
         .await
         .unwrap();
-    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
     let term = cluster.status(leader).await.unwrap().term;
     cluster.enqueue_tasks(2).await.unwrap();
     cluster
@@ -35,7 +38,10 @@ async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
         .unwrap();
     let status = cluster.status(leader).await.unwrap();
     assert_eq!(status.role, "leader", "{}", cluster.logs(30));
-    assert_eq!(status.term, term, "the leader changed after one member's loss");
+    assert_eq!(
+        status.term, term,
+        "the leader changed after one member's loss"
+    );
 
     // Quorum lost: the leader steps down within the lease TTL.
     cluster.etcd.kill(1);
@@ -51,7 +57,10 @@ async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("quorum lost -> leader stepped down after {:?}", lost_at.elapsed());
+    println!(
+        "quorum lost -> leader stepped down after {:?}",
+        lost_at.elapsed()
+    );
 
     // Demand grows, but without a quorum nobody may call the cloud.
     let calls = mutating_calls(&cluster);
@@ -71,7 +80,10 @@ async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
     // Quorum back: a leader is elected and serves the waiting tasks.
     cluster.etcd.restart(1).await.unwrap();
     cluster.etcd.restart(2).await.unwrap();
-    cluster.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    cluster
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
     cluster
         .wait_for_instances(6, Duration::from_secs(30))
         .await

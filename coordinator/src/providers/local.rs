@@ -30,8 +30,9 @@ pub struct LocalConfig {
     pub base_dir: PathBuf,
     /// Program started for each instance.
     ///
-    /// NOTE: production points this at the `fleet-node-agent` binary. The tests run `fake-clearml-worker` or a
-    /// shell command instead, because the coordinator service that agents register with is not built yet.
+    /// NOTE: `fleet-node-agent` takes its instance id from IMDS, which a local process lacks, so the tests run
+    /// `fake-clearml-worker` or a shell command here. The agent needs to read `FLEET_INSTANCE_ID` before it
+    /// can run as a local instance.
     pub program: PathBuf,
     /// Arguments; `{instance_id}` and `{dir}` are replaced with the instance's id and directory.
     pub args: Vec<String>,

@@ -52,10 +52,13 @@ impl AgentApi {
         Ok(())
     }
 
+    /// The configuration an agent gets at registration. `max_idle_seconds` follows the queue's runtime
+    /// override, if any, at the time of the registration.
     fn agent_config(
         &self,
         record: &crate::store::InstanceRecord,
         worker_id: String,
+        max_idle_override: Option<u32>,
     ) -> v1::AgentConfig {
         let config = &self.node.config;
         let heartbeat_interval =
@@ -72,7 +75,8 @@ impl AgentApi {
                 secret_key: config.clearml.secret_key.expose().to_owned(),
             }),
             timeouts: Some(v1::AgentTimeouts {
-                max_idle_seconds: config.policy.max_idle.as_secs() as u32,
+                max_idle_seconds: max_idle_override
+                    .unwrap_or(config.policy.max_idle.as_secs() as u32),
                 heartbeat_interval_seconds: heartbeat_interval,
                 orphan_timeout_seconds: config.orphan_timeout.as_secs() as u32,
                 drain_grace_seconds: DRAIN_GRACE_SECONDS,
@@ -185,6 +189,12 @@ impl AgentService for AgentApi {
             .find(&message.instance_id)
             .cloned()
             .ok_or_else(|| Status::internal("registered instance has no record"))?;
+        let max_idle_override = registry
+            .state()
+            .overrides
+            .queue_limits
+            .get(&record.queue)
+            .and_then(|limits| limits.max_idle_seconds);
         drop(registry);
         tracing::info!(instance = %message.instance_id, worker = %registration.worker_id, version = %message.agent_version, "agent registered");
         Ok(Response::new(v1::RegisterResponse {
@@ -194,7 +204,7 @@ impl AgentService for AgentApi {
                 .session_token(&message.instance_id)
                 .expose()
                 .to_owned(),
-            config: Some(self.agent_config(&record, registration.worker_id)),
+            config: Some(self.agent_config(&record, registration.worker_id, max_idle_override)),
         }))
     }
 
