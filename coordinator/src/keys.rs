@@ -30,18 +30,18 @@ impl AgentKeys {
         Self { key }
     }
 
-    /// A random key for a standalone coordinator without a configured one. Tokens it signed become invalid
+    /// Creates a random key, for a standalone coordinator without a configured one. Tokens it signed become invalid
     /// when the process restarts.
     pub fn random() -> Self {
         Self::new(generate_token())
     }
 
-    /// The bootstrap token of every instance of launch `intent_id`.
+    /// Returns the bootstrap token of every instance of launch `intent_id`.
     pub fn bootstrap_token(&self, intent_id: &str) -> Secret {
         Secret::new(self.sign("bootstrap", intent_id))
     }
 
-    /// The session token of `instance_id`, returned when its agent registers.
+    /// Returns the session token of `instance_id`, which its agent gets at registration.
     pub fn session_token(&self, instance_id: &str) -> Secret {
         Secret::new(self.sign("session", instance_id))
     }

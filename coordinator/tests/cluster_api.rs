@@ -50,7 +50,7 @@ async fn agent_client(cluster: &CoordinatorCluster, index: usize) -> AgentServic
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_rejects_bad_requests_with_clear_statuses() {
+async fn api_rejects_bad_requests() {
     let mut cluster = CoordinatorCluster::start("api-errors", BINARY, ClusterOptions::default())
         .await
         .unwrap();

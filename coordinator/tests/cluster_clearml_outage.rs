@@ -23,7 +23,7 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_decision_on_stale_clearml_data_during_an_outage() {
+async fn outage_blocks_stale_decisions() {
     let options = ClusterOptions {
         orphan_grace_seconds: 5,
         ..ClusterOptions::default()

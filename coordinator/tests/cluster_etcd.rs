@@ -1,4 +1,4 @@
-//! etcd failures under a running cluster: losing one member changes nothing; losing the quorum makes the
+//! etcd failures under a running cluster. Losing one member changes nothing. Losing the quorum makes the
 //! leader step down, and no cloud call is made until the quorum returns.
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ fn mutating_calls(cluster: &CoordinatorCluster) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
+async fn etcd_member_and_quorum_loss() {
     let mut cluster = CoordinatorCluster::start("etcd-loss", BINARY, ClusterOptions::default())
         .await
         .unwrap();
@@ -62,7 +62,7 @@ async fn member_loss_changes_nothing_and_quorum_loss_stops_every_cloud_call() {
         lost_at.elapsed()
     );
 
-    // Demand grows, but without a quorum nobody may call the cloud.
+    // Demand grows, but without a quorum no replica may call the cloud.
     let calls = mutating_calls(&cluster);
     cluster.enqueue_tasks(2).await.unwrap();
     let window = tokio::time::Instant::now() + TTL * 2;

@@ -45,7 +45,7 @@ async fn next_leader(
     }
 }
 
-/// Instance ids the leader's registry holds in a state other than terminated.
+/// Returns the instance ids the leader's registry has in a state other than terminated.
 async fn registry_instances(cluster: &CoordinatorCluster, index: usize) -> BTreeSet<String> {
     let mut client = cluster.fleet_client(index).await.unwrap();
     let mut request = tonic::Request::new(ListInstancesRequest::default());
@@ -66,7 +66,7 @@ async fn registry_instances(cluster: &CoordinatorCluster, index: usize) -> BTree
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_leaders_during_a_burst_launch_exactly_the_demand() {
+async fn killed_leaders_launch_exact_demand() {
     let options = ClusterOptions {
         max_launches_per_tick: 2,
         orphan_grace_seconds: 5,

@@ -12,7 +12,7 @@ use fleet_tests::ec2::CLUSTER;
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_waiting_tasks_launch_exactly_five_instances() {
+async fn five_tasks_launch_five_instances() {
     let mut cluster = CoordinatorCluster::start("five-tasks", BINARY, ClusterOptions::default())
         .await
         .unwrap();

@@ -21,7 +21,7 @@ fn now_ms() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_cut_off_from_etcd_stops_before_its_lease_ends_and_is_fenced() {
+async fn cut_off_leader_steps_down_and_is_fenced() {
     let mut cluster = CoordinatorCluster::start("failover-cut", BINARY, ClusterOptions::default())
         .await
         .unwrap();

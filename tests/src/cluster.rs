@@ -258,7 +258,7 @@ impl CoordinatorCluster {
             .unwrap_or_default()
     }
 
-    /// Every replica's log tail, for assertion messages.
+    /// Returns every replica's log tail, for assertion messages.
     pub fn logs(&self, lines: usize) -> String {
         (0..self.replicas.len())
             .map(|index| {
@@ -277,7 +277,7 @@ impl CoordinatorCluster {
         self.http.get(url).send().await.ok()?.json().await.ok()
     }
 
-    /// The replica that reports itself leader, among the running ones.
+    /// Returns the running replica that reports itself leader.
     pub async fn leader(&mut self) -> Option<usize> {
         for index in 0..self.replicas.len() {
             if !self.is_running(index) {
@@ -403,7 +403,7 @@ impl CoordinatorCluster {
         self.failpoints.join(name).exists()
     }
 
-    /// A FleetService client of replica `index`.
+    /// Connects a FleetService client to replica `index`.
     pub async fn fleet_client(&self, index: usize) -> anyhow::Result<FleetServiceClient<Channel>> {
         let channel =
             Channel::from_shared(format!("http://127.0.0.1:{}", self.replicas[index].grpc))?

@@ -71,7 +71,7 @@ pub struct TerminateJob {
     pub reason: String,
 }
 
-/// What one policy run of a queue decided.
+/// Decisions of one policy run for a queue.
 #[derive(Debug, Default)]
 pub struct QueuePlan {
     pub launches: Vec<LaunchJob>,
@@ -95,7 +95,7 @@ pub struct FleetCore {
     stopped: AtomicBool,
     /// Intents whose cloud call runs now, so the reconciler does not replay them at the same time.
     in_flight: std::sync::Mutex<BTreeSet<String>>,
-    /// Cloud instances with the cluster's tags that no record knows, by id, from the last reconcile.
+    /// Cloud instances with the cluster's tags and no record, by id, from the last reconcile.
     unknown: std::sync::Mutex<BTreeMap<String, Instance>>,
     pub leader_since_ms: u64,
     first_decision_ms: AtomicU64,
@@ -161,7 +161,7 @@ impl FleetCore {
         self.observation.send_replace(Some(Arc::new(observation)));
     }
 
-    /// The newest observation if it is fresh enough to decide on: at most three poll intervals old.
+    /// Returns the newest observation if it is fresh enough to decide on, at most three poll intervals old.
     pub fn fresh_observation(&self) -> Result<Arc<Observation>, FleetError> {
         let observation = self
             .observation
@@ -265,7 +265,7 @@ impl FleetCore {
         }
     }
 
-    /// The policy settings with the runtime overrides applied.
+    /// Returns the policy settings with the runtime overrides applied.
     pub fn effective_policy(&self, overrides: &RuntimeOverrides) -> PolicyConfig {
         let mut policy = self.config.policy.clone();
         for queue in &mut policy.queues {
@@ -434,7 +434,7 @@ impl FleetCore {
 }
 
 impl FleetCore {
-    /// What the policy would do for `queue` now, without storing or calling anything.
+    /// Runs the policy for `queue` without storing or calling anything, and returns its actions.
     pub async fn dry_run(&self, queue: &str) -> Result<Vec<Action>, FleetError> {
         let observation = self.fresh_observation()?;
         if self.config.policy.queue(queue).is_none() {

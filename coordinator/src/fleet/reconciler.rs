@@ -97,7 +97,7 @@ async fn reconcile(
                 }
             }
             Err(err) => {
-                // Without a full listing, gone and unknown instances cannot be told apart: skip this pass.
+                // Without a full listing, a gone instance and an unknown one look the same, so skip this pass.
                 tracing::warn!(provider = provider.name(), error = %err, "describe failed; reconcile skipped");
                 return reported;
             }

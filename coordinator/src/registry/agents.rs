@@ -26,7 +26,7 @@ pub struct Adoption {
 
 impl Registry {
     /// Accepts an agent's registration: the presented bootstrap token must be the launch's and unused by this
-    /// instance. The redemption is stored before the caller answers the agent, so a token works once even
+    /// instance. The redemption is stored before the caller responds to the agent, so a token works once even
     /// across a change of leader.
     pub async fn register_agent(
         &mut self,

@@ -4,7 +4,7 @@
 use super::{Registry, RegistryError};
 use crate::store::{BackoffRecord, Change, InstanceState, RuntimeOverrides};
 
-/// Most records one prune removes, below the store's limit of changes per transaction.
+/// Maximum of records one prune removes, below the store's limit of changes per transaction.
 const MAX_PRUNED_PER_CALL: usize = 50;
 
 impl Registry {
@@ -59,7 +59,7 @@ impl Registry {
         self.commit(vec![Change::PutBackoff(backoff), event]).await
     }
 
-    /// Replaces the runtime overrides (paused queues, changed limits) with an event that says what changed.
+    /// Replaces the runtime overrides (paused queues, changed limits) with an event that describes the change.
     pub async fn set_overrides(
         &mut self,
         overrides: RuntimeOverrides,

@@ -16,7 +16,7 @@ use crate::providers::{TAG_INTENT, TAG_QUEUE, TAG_RESOURCE};
 use crate::registry::{Adoption, RegistryError};
 use crate::store::InstanceState;
 
-/// How long an agent waits before it asks again after a refused termination.
+/// Time an agent waits before it requests termination again after a rejection.
 const TERMINATION_RETRY_SECONDS: u32 = 30;
 /// Time an agent gives a drain before it stops clearml-agent anyway.
 const DRAIN_GRACE_SECONDS: u32 = 30;
@@ -52,7 +52,7 @@ impl AgentApi {
         Ok(())
     }
 
-    /// The configuration an agent gets at registration. `max_idle_seconds` follows the queue's runtime
+    /// Builds the configuration an agent gets at registration. `max_idle_seconds` follows the queue's runtime
     /// override, if any, at the time of the registration.
     fn agent_config(
         &self,
@@ -182,7 +182,7 @@ impl AgentService for AgentApi {
             )
             .await
             .map_err(|err| {
-                tracing::warn!(instance = %message.instance_id, error = %err, "registration refused");
+                tracing::warn!(instance = %message.instance_id, error = %err, "registration rejected");
                 registry_status(err)
             })?;
         let record = registry

@@ -1,5 +1,5 @@
 //! FleetService: the API of operators and tools. Every call needs an API token (viewer for reads, operator
-//! for writes). Any replica answers reads; writes go to the leader, and a follower refuses them with
+//! for writes). Any replica serves reads; writes go to the leader, and a follower refuses them with
 //! FAILED_PRECONDITION and the leader's address.
 
 use std::collections::BTreeMap;

@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::Node;
 
-/// Limit on the etcd lookup of the leader in `/readyz` and `/status`, so probes answer quickly when etcd does
-/// not.
+/// Limit on the etcd lookup of the leader in `/readyz` and `/status`, so probes return quickly when etcd
+/// does not respond.
 const PROBE_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_millis(800);
 
 pub fn router(node: Arc<Node>) -> Router {

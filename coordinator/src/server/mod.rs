@@ -30,10 +30,10 @@ pub use run::{RunError, RunOptions, run};
 /// Metadata key that carries the leader's address on a write refused by a follower.
 pub const LEADER_METADATA: &str = "fleet-leader";
 
-/// Time limit for the etcd reads a follower makes to answer a call.
+/// Time limit for the etcd reads a follower makes to serve a call.
 const FOLLOWER_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Where a replica reads the records when it does not lead.
+/// Source of the records for a replica that does not lead.
 pub enum StateSource {
     Etcd {
         pool: Arc<EtcdPool>,
@@ -43,7 +43,7 @@ pub enum StateSource {
     File(Arc<FileStateStore>),
 }
 
-/// What the servers of one replica share.
+/// State that the servers of one replica share.
 pub struct Node {
     pub config: Arc<Config>,
     pub replica_id: String,
@@ -85,7 +85,7 @@ impl Node {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = fleet;
     }
 
-    /// The running fleet, while this replica leads.
+    /// Returns the running fleet while this replica leads.
     pub fn fleet(&self) -> Option<FleetHandle> {
         let fleet = self
             .fleet
@@ -96,7 +96,7 @@ impl Node {
         Some(fleet)
     }
 
-    /// The running fleet, or FAILED_PRECONDITION with the leader's address for a write sent to a follower.
+    /// Returns the running fleet, or FAILED_PRECONDITION with the leader's address for a write sent to a follower.
     pub async fn require_leader(&self) -> Result<FleetHandle, Status> {
         if let Some(fleet) = self.fleet() {
             return Ok(fleet);
@@ -121,7 +121,7 @@ impl Node {
         Err(status)
     }
 
-    /// The current leader's replica id and address, if one is elected.
+    /// Looks up the current leader's replica id and address, if one is elected.
     pub async fn leader(&self) -> Option<(String, String)> {
         self.leader_within(FOLLOWER_READ_TIMEOUT).await
     }
@@ -145,7 +145,7 @@ impl Node {
         }
     }
 
-    /// The records: the leader's own, or read from etcd by a follower.
+    /// Reads the records: the leader's own, or from etcd on a follower.
     pub async fn read_state(&self) -> Result<State, Status> {
         if let Some(fleet) = self.fleet() {
             return Ok(fleet.core.registry.lock().await.state().clone());
@@ -170,7 +170,7 @@ impl Node {
         }
     }
 
-    /// The term this replica leads under, or 0.
+    /// Returns the term this replica leads under, or 0.
     pub fn term(&self) -> i64 {
         self.role.borrow().term().map_or(0, |term| term.revision)
     }

@@ -343,7 +343,7 @@ fn clearml_client(config: &Config) -> Result<clearml_api::Client, RunError> {
     Ok(clearml_api::Client::new(client_config)?)
 }
 
-/// The provider of every resource: the AWS provider for the resources it configures, the local provider
+/// Builds the provider of every resource: the AWS provider for the resources it configures, the local provider
 /// for the others.
 async fn build_providers(
     config: &Config,

@@ -1,6 +1,6 @@
 //! A TCP proxy that can cut a link, for network partitions between one process and a server without
-//! touching either: while cut, no byte moves in either direction on open connections, and new connections are
-//! accepted but not served, as when packets are dropped.
+//! touching either. While the link is cut, no byte moves in either direction on open connections, and new
+//! connections are accepted but not served, as when packets are dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
