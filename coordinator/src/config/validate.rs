@@ -117,6 +117,8 @@ pub(super) fn check(
         );
         config.args = section.args.clone();
         config.env = section.env.clone();
+        // Instances outlive a coordinator restart; the next provider finds them in base_dir.
+        config.stop_on_drop = false;
         config
     });
 

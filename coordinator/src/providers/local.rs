@@ -1,7 +1,9 @@
 //! The local provider: each instance is a child process of this coordinator, with its own id and directory.
 //!
-//! It serves tests and a single large on-premises machine. Instances live only as long as the
-//! provider: dropping it kills every process group it started, so nothing outlives the coordinator.
+//! It serves tests, the demo and a single large on-premises machine. Each instance's directory holds
+//! `instance.json` (process id, process start time, tags, launch time), so a provider started again on the
+//! same `base_dir`, after a coordinator restart, finds the instances that still run and reports the others
+//! as terminated. With `stop_on_drop`, dropping the provider kills every process group it knows instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -43,6 +45,9 @@ pub struct LocalConfig {
     /// How long a terminated instance stays visible to describe, like EC2 keeps terminated instances for a while.
     pub terminated_retention: Duration,
     pub usd_per_hour: Option<f64>,
+    /// Kill every instance when the provider is dropped. Off in a coordinator, so a restart keeps the
+    /// instances and their tasks.
+    pub stop_on_drop: bool,
 }
 
 impl LocalConfig {
@@ -56,12 +61,17 @@ impl LocalConfig {
             terminate_grace: Duration::from_secs(10),
             terminated_retention: Duration::from_secs(3600),
             usd_per_hour: None,
+            stop_on_drop: true,
         }
     }
 }
 
 struct LocalInstance {
-    child: Child,
+    /// The child handle; `None` for an instance found in `base_dir` that an earlier provider started.
+    child: Option<Child>,
+    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`), which tells a reused pid
+    /// from the instance's process.
+    start_ticks: Option<u64>,
     /// Process group id, equal to the child's pid because it leads its own group.
     pgid: Option<i32>,
     tags: BTreeMap<String, String>,
@@ -89,7 +99,18 @@ impl LocalInstance {
         if self.state != InstanceState::Running {
             return;
         }
-        match self.child.try_wait() {
+        let Some(child) = self.child.as_mut() else {
+            if !self.process_alive() {
+                tracing::info!(
+                    instance_id = id,
+                    "local instance process is gone, instance terminated"
+                );
+                self.state = InstanceState::Terminated;
+                self.ended_at = Some(now);
+            }
+            return;
+        };
+        match child.try_wait() {
             Ok(Some(status)) => {
                 tracing::info!(instance_id = id, %status, "local instance process exited, instance terminated");
                 self.state = InstanceState::Terminated;
@@ -101,6 +122,57 @@ impl LocalInstance {
             }
         }
     }
+
+    /// Tells whether the instance's process still runs, for an instance without a child handle.
+    fn process_alive(&self) -> bool {
+        let Some(pid) = self.pgid else {
+            return false;
+        };
+        match (process_start_ticks(pid), self.start_ticks) {
+            (Some(now), Some(recorded)) => now == recorded,
+            _ => false,
+        }
+    }
+
+    /// Waits until the process has exited, at most until `deadline`; false when it still runs then.
+    async fn wait_exit(&mut self, deadline: tokio::time::Instant) -> bool {
+        if let Some(child) = self.child.as_mut() {
+            return tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_ok();
+        }
+        while self.process_alive() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+}
+
+/// What `instance.json` in an instance's directory stores.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InstanceFile {
+    pid: i32,
+    start_ticks: Option<u64>,
+    tags: BTreeMap<String, String>,
+    launch_time_ms: u64,
+}
+
+const INSTANCE_FILE: &str = "instance.json";
+
+/// Returns the start time of process `pid` in clock ticks since boot, field 22 of `/proc/<pid>/stat`, or `None`
+/// when the process does not exist.
+fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces, so count fields after its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let state = after_name.split_whitespace().next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[derive(Default)]
@@ -121,10 +193,16 @@ pub struct LocalProvider {
 impl LocalProvider {
     pub fn new(config: LocalConfig, clock: Arc<dyn Clock>) -> Self {
         let (events, _) = broadcast::channel(16);
+        let mut state = State::default();
+        let now = clock.now();
+        // A repeated launch finds these by their intent tag, so they need no client-token entry.
+        for (id, instance) in find_instances(&config.base_dir, now) {
+            state.instances.insert(id, instance);
+        }
         Self {
             config,
             clock,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             events,
         }
     }
@@ -190,11 +268,26 @@ impl LocalProvider {
             source,
         })?;
         let pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
+        let start_ticks = pgid.and_then(process_start_ticks);
+        let launch_time = SystemTime::now();
+        if let Some(pid) = pgid {
+            let file = InstanceFile {
+                pid,
+                start_ticks,
+                tags: tags.clone(),
+                launch_time_ms: launch_time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_millis() as u64),
+            };
+            let text = serde_json::to_vec_pretty(&file).expect("instance files always serialize");
+            std::fs::write(dir.join(INSTANCE_FILE), text).map_err(dir_error)?;
+        }
         Ok(LocalInstance {
-            child,
+            child: Some(child),
+            start_ticks,
             pgid,
             tags: tags.clone(),
-            launch_time: SystemTime::now(),
+            launch_time,
             state: InstanceState::Running,
             ended_at: None,
         })
@@ -208,6 +301,45 @@ impl LocalProvider {
                 .is_none_or(|ended| now.saturating_sub(ended) < retention)
         });
     }
+}
+
+/// Reads the `instance.json` of every instance directory under `base_dir`: instances whose process still runs
+/// are running, the others terminated as of `now`.
+fn find_instances(base_dir: &std::path::Path, now: Duration) -> Vec<(String, LocalInstance)> {
+    let Ok(entries) = std::fs::read_dir(base_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path().join(INSTANCE_FILE);
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let file: InstanceFile = match serde_json::from_slice(&text) {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "unreadable local instance file; instance ignored");
+                continue;
+            }
+        };
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let mut instance = LocalInstance {
+            child: None,
+            start_ticks: file.start_ticks,
+            pgid: Some(file.pid),
+            tags: file.tags,
+            launch_time: std::time::UNIX_EPOCH + Duration::from_millis(file.launch_time_ms),
+            state: InstanceState::Running,
+            ended_at: None,
+        };
+        if !instance.process_alive() {
+            instance.state = InstanceState::Terminated;
+            instance.ended_at = Some(now);
+        }
+        tracing::info!(instance_id = %id, pid = file.pid, state = ?instance.state, "local instance found from an earlier run");
+        found.push((id, instance));
+    }
+    found
 }
 
 /// Sends `signal` to the process group `pgid`.
@@ -318,17 +450,16 @@ impl CloudProvider for LocalProvider {
             let Some(instance) = state.instances.get_mut(id) else {
                 continue;
             };
-            if tokio::time::timeout_at(deadline, instance.child.wait())
-                .await
-                .is_err()
-            {
+            if !instance.wait_exit(deadline).await {
                 tracing::warn!(instance_id = %id, grace_s = self.config.terminate_grace.as_secs(), "local instance ignored SIGTERM, killing it");
             }
             // SIGKILL also reaches processes the instance left behind in its group.
             if let Some(pgid) = instance.pgid {
                 signal_group(pgid, libc::SIGKILL);
             }
-            if let Err(error) = instance.child.wait().await {
+            if let Some(child) = instance.child.as_mut()
+                && let Err(error) = child.wait().await
+            {
                 tracing::warn!(instance_id = %id, %error, "failed to reap local instance process");
             }
             instance.state = InstanceState::Terminated;
@@ -365,6 +496,9 @@ impl CloudProvider for LocalProvider {
 
 impl Drop for LocalProvider {
     fn drop(&mut self) {
+        if !self.config.stop_on_drop {
+            return;
+        }
         let state = self.state.get_mut();
         for instance in state.instances.values_mut() {
             if instance.state == InstanceState::Running
@@ -372,7 +506,9 @@ impl Drop for LocalProvider {
             {
                 signal_group(pgid, libc::SIGKILL);
                 // Reaping needs the runtime, so a killed child is left to tokio's orphan queue.
-                if let Err(error) = instance.child.start_kill() {
+                if let Some(child) = instance.child.as_mut()
+                    && let Err(error) = child.start_kill()
+                {
                     tracing::debug!(%error, "local instance process already gone on provider drop");
                 }
             }
@@ -570,6 +706,57 @@ mod tests {
         signal_group(pgid, libc::SIGKILL);
 
         wait_for_state(&provider, &id, InstanceState::Terminated).await;
+    }
+
+    #[tokio::test]
+    async fn new_provider_finds_running_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = provider(dir.path(), "exec sleep 600");
+        first.config.stop_on_drop = false;
+        let outcome = first
+            .launch(&request("intent-7"), 2, "intent-7")
+            .await
+            .unwrap();
+        let ids: Vec<String> = outcome.instances.iter().map(|i| i.id.clone()).collect();
+        let dead_pgid = first.state.lock().await.instances[&ids[1]].pgid.unwrap();
+        drop(first);
+        signal_group(dead_pgid, libc::SIGKILL);
+        // The killed process is reaped by no one until this test process ends, so wait for it to be a zombie.
+        let zombie = tokio::time::Instant::now() + Duration::from_secs(5);
+        while process_start_ticks(dead_pgid).is_some() && tokio::time::Instant::now() < zombie {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let second = provider(dir.path(), "exec sleep 600");
+
+        assert_eq!(
+            state_of(&second, &ids[0]).await,
+            Some(InstanceState::Running)
+        );
+        assert_eq!(
+            state_of(&second, &ids[1]).await,
+            Some(InstanceState::Terminated)
+        );
+        let again = second
+            .launch(&request("intent-7"), 2, "intent-7")
+            .await
+            .unwrap();
+        assert!(
+            again.already_launched,
+            "a replayed launch finds the instances"
+        );
+        let terminated = second.terminate(&ids[..1]).await.unwrap();
+        assert_eq!(terminated.terminating, vec![ids[0].clone()]);
+        assert_eq!(
+            state_of(&second, &ids[0]).await,
+            Some(InstanceState::Terminated)
+        );
+    }
+
+    #[test]
+    fn start_ticks_of_missing_process_are_none() {
+        assert!(process_start_ticks(std::process::id() as i32).is_some());
+        assert!(process_start_ticks(i32::MAX).is_none());
     }
 
     #[tokio::test]

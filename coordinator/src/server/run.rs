@@ -81,6 +81,7 @@ pub enum RunError {
 
 /// Runs one replica until SIGTERM or SIGINT.
 pub fn run(config: Config, options: RunOptions) -> Result<(), RunError> {
+    install_crypto_provider();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -88,6 +89,13 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), RunError> {
             .expect("the tokio runtime starts")
     });
     system.block_on(run_replica(Arc::new(config), options))
+}
+
+/// Selects ring as rustls's process-wide crypto provider. The AWS SDK brings rustls with aws-lc-rs and tonic
+/// with ring, and with both compiled in rustls cannot pick one by itself: the first TLS handshake would panic.
+fn install_crypto_provider() {
+    // An error means a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), RunError> {
