@@ -71,6 +71,10 @@ pub struct ImdsConfig {
     pub endpoint: Url,
     /// Interval between two polls of the spot interruption and rebalance notices.
     pub notice_poll_interval: Duration,
+    /// Instance id given in the config, for a machine without a metadata service (a local instance of the
+    /// coordinator's local provider, an on-premises box). With it, the metadata service is never called and
+    /// no interruption notice is watched.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,7 @@ struct RawCoordinator {
 struct RawImds {
     endpoint: Option<String>,
     notice_poll_interval_ms: Option<u64>,
+    instance_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -308,6 +313,22 @@ fn validate_coordinator(raw: RawCoordinator) -> Result<CoordinatorConfig, Config
 }
 
 fn validate_imds(raw: RawImds) -> Result<ImdsConfig, ConfigError> {
+    if let Some(id) = &raw.instance_id {
+        if raw.endpoint.is_some() {
+            return Err(invalid(
+                "imds.instance_id",
+                id,
+                "set either imds.instance_id (no metadata service) or imds.endpoint, not both",
+            ));
+        }
+        if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "imds.instance_id",
+                id,
+                "must be a non-empty id without spaces, for example local-0123456789ab",
+            ));
+        }
+    }
     let text = raw
         .endpoint
         .unwrap_or_else(|| DEFAULT_IMDS_ENDPOINT.to_owned());
@@ -330,6 +351,7 @@ fn validate_imds(raw: RawImds) -> Result<ImdsConfig, ConfigError> {
     Ok(ImdsConfig {
         endpoint,
         notice_poll_interval: Duration::from_millis(poll_ms),
+        instance_id: raw.instance_id,
     })
 }
 
@@ -461,6 +483,23 @@ mod tests {
         bootstrap_token = "boot"
         allow_plaintext_loopback = true
     "#;
+
+    #[test]
+    fn static_instance_id_replaces_the_metadata_service() {
+        let config = parse(&format!(
+            "{LOOPBACK}\n[imds]\ninstance_id = \"local-0123\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.imds.instance_id.as_deref(), Some("local-0123"));
+
+        let both = parse(&format!(
+            "{LOOPBACK}\n[imds]\ninstance_id = \"local-0123\"\nendpoint = \"http://127.0.0.1:1\"\n"
+        ))
+        .unwrap_err();
+        assert!(both.to_string().contains("imds.instance_id"), "{both}");
+        let blank = parse(&format!("{LOOPBACK}\n[imds]\ninstance_id = \"a b\"\n")).unwrap_err();
+        assert!(blank.to_string().contains("without spaces"), "{blank}");
+    }
 
     #[test]
     fn zero_clearml_agent_timers_are_rejected() {

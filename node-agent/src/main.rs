@@ -19,9 +19,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // The AWS-free dependency graph may still bring rustls with more than one crypto backend when built in the
-    // workspace; select ring explicitly so TLS to the coordinator never panics on an ambiguous provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Built in the workspace, rustls has both the aws-lc-rs and the ring backend and cannot pick one by itself,
+    // so the first TLS handshake to the coordinator would panic. Select aws-lc-rs explicitly.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

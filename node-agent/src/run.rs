@@ -218,11 +218,19 @@ pub async fn run(config: Config, mut sigterm: mpsc::Receiver<()>) -> Result<Exit
         })?;
 
     let (notice_sender, notices) = mpsc::channel(1);
-    let notice_task = tokio::spawn(controller::notice_loop(
-        imds,
-        config.imds.notice_poll_interval,
-        notice_sender,
-    ));
+    let notice_task = if config.imds.instance_id.is_some() {
+        // No metadata service: no interruption notice can come. The sender stays alive with the task.
+        tokio::spawn(async move {
+            let _sender = notice_sender;
+            std::future::pending::<()>().await
+        })
+    } else {
+        tokio::spawn(controller::notice_loop(
+            imds,
+            config.imds.notice_poll_interval,
+            notice_sender,
+        ))
+    };
     let (stop_heartbeats, heartbeat_stop) = watch::channel(false);
     let heartbeat_task = tokio::spawn(controller::heartbeat_loop(
         agent.clone(),
@@ -316,15 +324,23 @@ fn child_spec(
     }
 }
 
-/// Reads the instance id, retrying for up to `timeout` because IMDS can lag at boot.
-/// Reads the instance id from the metadata service, then registers with the coordinator.
+/// Reads the instance id from the config or the metadata service, then registers with the coordinator.
 async fn register_instance(
     config: &Config,
     imds: &ImdsClient,
     coordinator: &CoordinatorClient,
 ) -> Result<(String, crate::coordinator::Registration), StartError> {
-    let instance_id = read_instance_id(imds, config.coordinator.registration_timeout).await?;
-    tracing::info!(%instance_id, "instance id read from the metadata service");
+    let instance_id = match &config.imds.instance_id {
+        Some(id) => {
+            tracing::info!(instance_id = %id, "instance id from the config; no metadata service");
+            id.clone()
+        }
+        None => {
+            let id = read_instance_id(imds, config.coordinator.registration_timeout).await?;
+            tracing::info!(instance_id = %id, "instance id read from the metadata service");
+            id
+        }
+    };
 
     let registration = coordinator
         .register(
@@ -340,6 +356,7 @@ async fn register_instance(
     Ok((instance_id, registration))
 }
 
+/// Reads the instance id, retrying for up to `timeout` because IMDS can lag at boot.
 async fn read_instance_id(imds: &ImdsClient, timeout: Duration) -> Result<String, StartError> {
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(200);

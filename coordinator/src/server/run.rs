@@ -91,11 +91,12 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), RunError> {
     system.block_on(run_replica(Arc::new(config), options))
 }
 
-/// Selects ring as rustls's process-wide crypto provider. The AWS SDK brings rustls with aws-lc-rs and tonic
-/// with ring, and with both compiled in rustls cannot pick one by itself: the first TLS handshake would panic.
+/// Selects aws-lc-rs as rustls's process-wide crypto provider. The AWS SDK brings rustls with aws-lc-rs and
+/// tonic with ring, and with both compiled in rustls cannot pick one by itself: the first TLS handshake would
+/// panic. aws-lc-rs also offers post-quantum key exchange, which ring lacks.
 fn install_crypto_provider() {
     // An error means a provider is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), RunError> {
