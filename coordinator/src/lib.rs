@@ -6,6 +6,7 @@ pub mod election;
 pub mod etcd;
 pub mod failpoint;
 pub mod fleet;
+pub mod import;
 pub mod keys;
 pub mod metrics;
 pub mod policy;
