@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     pub orphan_grace_seconds: u64,
     pub max_instances: u32,
     pub max_launches_per_tick: u32,
+    pub max_idle_seconds: u64,
+    pub heartbeat_timeout_seconds: u64,
     /// `RUST_LOG` of the replicas.
     pub log_filter: String,
 }
@@ -64,6 +66,8 @@ impl Default for ClusterOptions {
             orphan_grace_seconds: 10,
             max_instances: 20,
             max_launches_per_tick: 20,
+            max_idle_seconds: 60,
+            heartbeat_timeout_seconds: 120,
             log_filter: "info,fleet_coordinator=debug".to_owned(),
         }
     }
@@ -457,7 +461,8 @@ api_server = "{clearml}"
 poll_interval_seconds = {poll}
 
 [defaults]
-max_idle_seconds = 60
+max_idle_seconds = {max_idle}
+heartbeat_timeout_seconds = {heartbeat_timeout}
 launch_timeout_seconds = 60
 reconcile_interval_seconds = {reconcile}
 orphan_grace_seconds = {grace}
@@ -508,6 +513,8 @@ max_instances = {max}
         reconcile = options.reconcile_interval_seconds,
         grace = options.orphan_grace_seconds,
         per_tick = options.max_launches_per_tick,
+        max_idle = options.max_idle_seconds,
+        heartbeat_timeout = options.heartbeat_timeout_seconds,
         max = options.max_instances,
         agents = agent_endpoints.join(", "),
         ec2 = ec2.proxy.endpoint(),

@@ -16,8 +16,8 @@ use crate::providers::{TAG_INTENT, TAG_QUEUE, TAG_RESOURCE};
 use crate::registry::{Adoption, RegistryError};
 use crate::store::InstanceState;
 
-/// Time an agent waits before it requests termination again after a rejection.
-const TERMINATION_RETRY_SECONDS: u32 = 30;
+/// Longest time an agent waits before it requests termination again after a rejection.
+const MAX_TERMINATION_RETRY_SECONDS: u32 = 30;
 /// Time an agent gives a drain before it stops clearml-agent anyway.
 const DRAIN_GRACE_SECONDS: u32 = 30;
 
@@ -61,8 +61,7 @@ impl AgentApi {
         max_idle_override: Option<u32>,
     ) -> v1::AgentConfig {
         let config = &self.node.config;
-        let heartbeat_interval =
-            (config.policy.timeouts.heartbeat.as_secs() / 4).clamp(1, 30) as u32;
+        let heartbeat_interval = heartbeat_interval_seconds(config);
         v1::AgentConfig {
             worker_id,
             resource: record.resource.clone(),
@@ -80,7 +79,7 @@ impl AgentApi {
                 heartbeat_interval_seconds: heartbeat_interval,
                 orphan_timeout_seconds: config.orphan_timeout.as_secs() as u32,
                 drain_grace_seconds: DRAIN_GRACE_SECONDS,
-                termination_retry_seconds: TERMINATION_RETRY_SECONDS,
+                termination_retry_seconds: termination_retry_seconds(config),
             }),
             ..Default::default()
         }
@@ -142,6 +141,16 @@ impl AgentApi {
             .await
             .map_err(registry_status)
     }
+}
+
+/// Heartbeats come four times per heartbeat timeout, at least every 30 s.
+fn heartbeat_interval_seconds(config: &crate::config::Config) -> u32 {
+    (config.policy.timeouts.heartbeat.as_secs() / 4).clamp(1, 30) as u32
+}
+
+/// A rejected termination is asked again after two heartbeat intervals, when the queue may have changed.
+fn termination_retry_seconds(config: &crate::config::Config) -> u32 {
+    (2 * heartbeat_interval_seconds(config)).min(MAX_TERMINATION_RETRY_SECONDS)
 }
 
 fn require(field: &str, value: &str) -> Result<(), Status> {
@@ -244,6 +253,19 @@ impl AgentService for AgentApi {
         let instance_id = request.get_ref().instance_id.clone();
         self.check_session(&request, &instance_id)?;
         let fleet = self.node.require_leader().await?;
+        // An agent asks only when it is idle, which its last heartbeat may not have reported yet.
+        {
+            let mut registry = fleet.core.registry.lock().await;
+            let reported_busy = registry.find(&instance_id).is_some_and(|record| {
+                matches!(record.state, InstanceState::Booting | InstanceState::Busy)
+            });
+            if reported_busy {
+                registry
+                    .heartbeat(&instance_id, None, now_ms())
+                    .await
+                    .map_err(registry_status)?;
+            }
+        }
         let verdict = match fleet.core.decide_termination(&instance_id).await {
             Ok(verdict) => verdict,
             Err(err @ (FleetError::Stale { .. } | FleetError::NoObservation)) => Err(format!(
@@ -272,7 +294,7 @@ impl AgentService for AgentApi {
             Err(reason) => v1::TerminationResponse {
                 granted: false,
                 reason,
-                retry_after_seconds: TERMINATION_RETRY_SECONDS,
+                retry_after_seconds: termination_retry_seconds(&self.node.config),
             },
         };
         Ok(Response::new(response))
