@@ -1,14 +1,15 @@
 //! `fleet-coordinator`: the clearml-fleet coordinator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fleet_coordinator::config::{self, ConfigError, ProcessEnvironment};
+use fleet_coordinator::import::{self, ImportOptions};
 use fleet_coordinator::server::RunOptions;
 use tracing_subscriber::EnvFilter;
 
-/// Exit code for a configuration file that is missing, unreadable or invalid.
+/// Exit code for a configuration file that is missing, unreadable or invalid, and for an import that fails.
 const EXIT_INVALID: u8 = 1;
 /// Exit code of `run` when the replica cannot start (a port in use, a TLS file missing, etcd unusable).
 const EXIT_START: u8 = 2;
@@ -29,6 +30,20 @@ enum Command {
         /// Path of the TOML configuration file.
         file: PathBuf,
     },
+    /// Converts a ClearML AWS autoscaler configuration (the file of the clearml SDK's aws_autoscaler.py) to
+    /// this coordinator's TOML. It reads JSON only; convert a YAML file with Python's yaml and json modules
+    /// first. Settings that cannot carry over, and secrets, which are never copied, are listed on stderr and as
+    /// comments at the top of the output. Exit 0 on success (warnings allowed), 1 on invalid input.
+    ImportClearmlConfig {
+        /// Path of the ClearML autoscaler's configuration, as JSON.
+        file: PathBuf,
+        /// Write the TOML to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// cluster.name of the output: 1 to 63 lowercase letters, digits, '-' or '_'.
+        #[arg(long, default_value = import::DEFAULT_CLUSTER)]
+        cluster: String,
+    },
     /// Runs one coordinator replica until SIGTERM or SIGINT.
     Run {
         /// Path of the TOML configuration file.
@@ -47,6 +62,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::ImportClearmlConfig {
+            file,
+            output,
+            cluster,
+        } => import_clearml_config(&file, output.as_deref(), cluster),
         Command::Run {
             config,
             standalone,
@@ -118,4 +138,47 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_INVALID)
         }
     }
+}
+
+fn import_clearml_config(file: &Path, output: Option<&Path>, cluster: String) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("error: cannot read {}: {err}", file.display());
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let options = ImportOptions {
+        cluster,
+        source_name: file
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let converted = match import::convert(&text, &file.display().to_string(), &options) {
+        Ok(converted) => converted,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    for note in &converted.notes {
+        eprintln!("{note}");
+    }
+    match output {
+        Some(path) => {
+            if let Err(err) = std::fs::write(path, &converted.toml) {
+                eprintln!("error: cannot write {}: {err}", path.display());
+                return ExitCode::from(EXIT_INVALID);
+            }
+            eprintln!(
+                "wrote {}; set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY, replace its TODO values and run \
+                 `fleet-coordinator check-config {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        None => print!("{}", converted.toml),
+    }
+    ExitCode::SUCCESS
 }

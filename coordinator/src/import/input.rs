@@ -1006,10 +1006,11 @@ fn read_queues(
             "define at least one queue, for example {\"aws_gpu\": [[\"gpu_spot\", 3]]}",
         );
     }
-    let known: Vec<String> = resources
-        .iter()
-        .map(|resource| resource.source_name.clone())
-        .collect();
+    // Every defined name, also of resources with problems, so a queue does not report those as unknown.
+    let known: Vec<String> = match configurations.get("resource_configurations") {
+        Some(Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
     // has_duplicate_resource in auto_scaler.py rejects a resource listed twice, in one queue or in two.
     let mut listed_in: BTreeMap<String, String> = BTreeMap::new();
     let mut queues = Vec::new();

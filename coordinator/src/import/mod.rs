@@ -47,7 +47,7 @@ pub struct Note {
     pub kind: NoteKind,
     /// Dotted path of the input key, for example `hyper_params.git_pass`.
     pub key: String,
-    /// What happened and what to do instead.
+    /// The change, and the step to take instead.
     pub message: String,
 }
 

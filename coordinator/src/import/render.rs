@@ -207,6 +207,7 @@ fn write_resource(out: &mut String, resource: &Resource) {
             out.push_str("max_instances = 1\n");
         }
     }
+
     let _ = writeln!(out, "image_id = {}", quote(&resource.image_id));
     let _ = writeln!(out, "instance_types = [{}]", quote(&resource.instance_type));
     if resource.subnet.placeholder {
@@ -226,6 +227,7 @@ fn write_resource(out: &mut String, resource: &Resource) {
         quote(&resource.subnet.id),
         quote(&resource.subnet.zone)
     );
+
     let market = if resource.spot { "spot" } else { "on-demand" };
     let _ = writeln!(out, "market = \"{market}\"");
     if !resource.security_group_ids.is_empty() {
@@ -247,6 +249,7 @@ fn write_resource(out: &mut String, resource: &Resource) {
         }
         None => {}
     }
+
     if let Some(volume) = &resource.volume {
         let snapshot = volume
             .snapshot_id

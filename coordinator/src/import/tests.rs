@@ -410,6 +410,17 @@ fn queue_with_unknown_resource_fails() {
 }
 
 #[test]
+fn invalid_resource_is_not_reported_unknown() {
+    let mut value = fixture();
+    value["configurations"]["resource_configurations"]["aws4gpu"]["is_spot"] = json!("no");
+
+    let message = problems(&value);
+
+    assert!(message.contains("aws4gpu.is_spot = \"no\""), "{message}");
+    assert!(!message.contains("no such resource"), "{message}");
+}
+
+#[test]
 fn resource_in_two_queues_fails() {
     let mut value = fixture();
     value["configurations"]["queues"]["aws_cpu"] = json!([["cpu.large", 5], ["aws4gpu", 1]]);
