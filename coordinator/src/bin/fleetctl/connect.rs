@@ -118,6 +118,7 @@ impl Connection {
                         path.display()
                     ))
                 })?;
+                // NOTE: no test runs fleetctl against a TLS coordinator yet.
                 Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
             }
             None if uses_tls => {

@@ -62,7 +62,7 @@ pub fn status_table(status: &v1::ClusterStatus, endpoint: &str) -> String {
 
     text.push('\n');
     if status.members.is_empty() {
-        text.push_str("members: none listed (a standalone replica keeps no member list)\n");
+        text.push_str("members: none listed\n");
         return text;
     }
     let mut members = Table::new(&["MEMBER", "ADDRESS", "LEADER"]);
