@@ -10,8 +10,6 @@ use clearml_api::Secret;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::auth::generate_token;
-
 type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Clone)]
@@ -28,12 +26,6 @@ impl std::fmt::Debug for AgentKeys {
 impl AgentKeys {
     pub fn new(key: Secret) -> Self {
         Self { key }
-    }
-
-    /// Creates a random key, for a standalone coordinator without a configured one. Tokens it signed become invalid
-    /// when the process restarts.
-    pub fn random() -> Self {
-        Self::new(generate_token())
     }
 
     /// Returns the bootstrap token of every instance of launch `intent_id`.

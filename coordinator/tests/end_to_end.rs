@@ -24,6 +24,13 @@ const TASKS: usize = 4;
 /// The line `tests/python/hello_task.py` prints once per run.
 const TASK_MARKER: &str = "fleet-conformance-task-ran";
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 fn python_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python")
 }
@@ -178,7 +185,10 @@ async fn tasks_run_once_and_the_fleet_scales_to_zero() {
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     let shutdowns: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let mut launched: BTreeSet<String> = BTreeSet::new();
-    let mut killed_leader_at: Option<Instant> = None;
+    // When the harness first and last saw each instance live in moto, for the instance-seconds.
+    let mut lifetimes: BTreeMap<String, (Instant, Option<Instant>)> = BTreeMap::new();
+    // Wall-clock milliseconds of the kill, comparable with the replicas' `first_decision_ms`.
+    let mut killed_leader_at: Option<u64> = None;
     let mut failover = None;
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -192,10 +202,16 @@ async fn tasks_run_once_and_the_fleet_scales_to_zero() {
             cluster.logs(40)
         );
         let live = cluster.live_instances().await.unwrap();
+        for (id, (_, ended)) in lifetimes.iter_mut() {
+            if ended.is_none() && !live.contains_key(id) {
+                *ended = Some(Instant::now());
+            }
+        }
         for id in live.keys() {
             if !launched.insert(id.clone()) {
                 continue;
             }
+            lifetimes.insert(id.clone(), (Instant::now(), None));
             let attribute = cluster
                 .ec2
                 .direct
@@ -270,21 +286,20 @@ async fn tasks_run_once_and_the_fleet_scales_to_zero() {
         if killed_leader_at.is_none() && completed >= 1 {
             let leader = cluster.leader().await.unwrap_or(first_leader);
             cluster.kill(leader);
-            killed_leader_at = Some(Instant::now());
+            killed_leader_at = Some(now_ms());
             println!(
                 "leader {} killed after {completed} completed task(s)",
                 cluster.replicas[leader].id
             );
         }
-        if let (Some(killed), None) = (killed_leader_at, failover) {
-            if let Some(index) = cluster.leader().await
-                && cluster
-                    .status(index)
-                    .await
-                    .is_some_and(|status| status.first_decision_ms > 0)
-            {
-                failover = Some(killed.elapsed());
-            }
+        if let (Some(killed_ms), None) = (killed_leader_at, failover)
+            && let Some(index) = cluster.leader().await
+            && let Some(status) = cluster.status(index).await
+            && status.first_decision_ms > 0
+        {
+            failover = Some(Duration::from_millis(
+                status.first_decision_ms.saturating_sub(killed_ms),
+            ));
         }
         if completed == TASKS && live.is_empty() && failover.is_some() {
             break;
@@ -315,9 +330,18 @@ async fn tasks_run_once_and_the_fleet_scales_to_zero() {
     for (_, node) in nodes {
         let _ = tokio::time::timeout(Duration::from_secs(10), node.task).await;
     }
+    let instance_seconds: f64 = lifetimes
+        .values()
+        .map(|(booted, ended)| {
+            ended
+                .unwrap_or_else(Instant::now)
+                .duration_since(*booted)
+                .as_secs_f64()
+        })
+        .sum();
     println!(
-        "summary: tasks {TASKS} completed, instances launched {}, shut down by their agent {shut_down}, \
-         failover {:.2} s, wall {:.1} s",
+        "summary: tasks {TASKS} completed once each, instances launched {}, shut down by their agent \
+         {shut_down}, instance-seconds {instance_seconds:.0}, failover {:.2} s, wall {:.1} s",
         launched.len(),
         failover.unwrap().as_secs_f64(),
         started.elapsed().as_secs_f64()

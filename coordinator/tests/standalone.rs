@@ -18,21 +18,35 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
 const VIEWER_TOKEN: &str = "standalone-viewer-token";
 
-/// Kills the local instances a test's coordinator started, which live in their own process groups, by the
-/// test directory that each one's command line names.
+/// Kills the local instances a test's coordinator started, which live in their own process groups: each
+/// instance directory's `instance.json` names the group's leader.
 struct InstanceReaper(PathBuf);
 
 impl Drop for InstanceReaper {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .arg("-KILL")
-            .arg("-f")
-            .arg(self.0.display().to_string())
-            .status();
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("instance.json")) else {
+                continue;
+            };
+            let pid = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|file| file["pid"].as_i64());
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on the process group of an instance this test launched.
+                unsafe {
+                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                }
+            }
+        }
     }
 }
 
+/// Fields drop in declaration order: the reaper must run before the test directory is deleted.
 struct Standalone {
+    _reaper: InstanceReaper,
     dir: TestDir,
     config: PathBuf,
     grpc: u16,
@@ -40,7 +54,6 @@ struct Standalone {
     emulator: Emulator,
     queue_id: String,
     process: Option<ChildProcess>,
-    _reaper: InstanceReaper,
 }
 
 impl Standalone {
@@ -98,8 +111,9 @@ max_instances = 10
         );
         let config = dir.join("coordinator.toml");
         std::fs::write(&config, text).unwrap();
-        let reaper = InstanceReaper(dir.path().to_path_buf());
+        let reaper = InstanceReaper(instances.clone());
         let mut standalone = Standalone {
+            _reaper: reaper,
             dir,
             config,
             grpc,
@@ -107,7 +121,6 @@ max_instances = 10
             emulator,
             queue_id,
             process: None,
-            _reaper: reaper,
         };
         standalone.spawn();
         standalone
@@ -426,4 +439,31 @@ async fn grpc_over_tls_with_optional_client_certificates() {
         result.is_err(),
         "a plain-text call to the TLS port succeeded"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_state_file_stops_with_exit_2() {
+    let mut standalone = Standalone::start("standalone-corrupt", None).await;
+    standalone.process.as_mut().unwrap().kill();
+    std::fs::write(standalone.dir.join("state.json"), "{not json").unwrap();
+
+    standalone.spawn();
+    let process = standalone.process.as_mut().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = process.exit_status() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the coordinator kept running on a corrupt state file\n{}",
+            process.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    assert_eq!(status.code(), Some(2), "{}", process.log_tail(20));
+    let log = process.log_tail(20);
+    assert!(log.contains("cannot load the records"), "{log}");
+    assert!(log.contains("fix or delete the state file"), "{log}");
 }

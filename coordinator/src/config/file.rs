@@ -197,6 +197,8 @@ pub struct LocalSection {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Template of each instance's `agent.toml`, rendered into its directory before the program starts.
+    pub agent_config_template_file: Option<PathBuf>,
 }
 
 /// One resource. `provider` decides which of the other keys apply; a key of the other provider is an error.

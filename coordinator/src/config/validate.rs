@@ -76,6 +76,24 @@ pub(super) fn check(
         .as_ref()
         .map(|section| build_aws(section, file, &resources, &mut problems));
     check_provider_sections(file, &mut problems);
+    let agent_template = file
+        .local
+        .as_ref()
+        .and_then(|section| section.agent_config_template_file.as_ref())
+        .and_then(|path| {
+            let resolved = resolve(path, base_dir);
+            match std::fs::read_to_string(&resolved) {
+                Ok(text) => Some(text),
+                Err(err) => {
+                    problems.add(
+                        "local.agent_config_template_file",
+                        resolved.display(),
+                        format!("cannot read the file ({err}); check the path"),
+                    );
+                    None
+                }
+            }
+        });
     if file.etcd.is_some()
         && file.api.bootstrap_key_env.is_none()
         && file.api.bootstrap_key_file.is_none()
@@ -117,6 +135,7 @@ pub(super) fn check(
         );
         config.args = section.args.clone();
         config.env = section.env.clone();
+        config.agent_config_template = agent_template.clone();
         // Instances outlive a coordinator restart; the next provider finds them in base_dir.
         config.stop_on_drop = false;
         config
@@ -138,12 +157,30 @@ pub(super) fn check(
     })
 }
 
+/// The configured replica id, else the `HOSTNAME` variable (which tests set), else the host name from
+/// gethostname(2). Shells and systemd do not export `HOSTNAME`, so the system call is what production uses.
 fn replica_id(file: &ConfigFile, env: &dyn Environment) -> String {
     file.cluster
         .replica_id
         .clone()
-        .or_else(|| env.var("HOSTNAME"))
+        .or_else(|| env.var("HOSTNAME").filter(|name| !name.trim().is_empty()))
+        .or_else(system_host_name)
         .unwrap_or_else(|| "replica".to_owned())
+}
+
+fn system_host_name() -> Option<String> {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `len` bytes into the buffer we own.
+    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    if result != 0 {
+        return None;
+    }
+    let end = buffer
+        .iter()
+        .position(|byte| *byte == 0)
+        .unwrap_or(buffer.len());
+    let name = String::from_utf8_lossy(&buffer[..end]).trim().to_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 fn is_name(text: &str) -> bool {

@@ -45,6 +45,10 @@ pub struct LocalConfig {
     /// How long a terminated instance stays visible to describe, like EC2 keeps terminated instances for a while.
     pub terminated_retention: Duration,
     pub usd_per_hour: Option<f64>,
+    /// Template of the node agent's config, written to `<instance dir>/agent.toml` (mode 0600) before the
+    /// program starts, as cloud-init writes it from user-data on a cloud instance. Its `{{name}}` placeholders:
+    /// `instance_id`, `dir`, `cluster`, `queue`, `resource`, `intent_id` and the launch's boot values.
+    pub agent_config_template: Option<String>,
     /// Kill every instance when the provider is dropped. Off in a coordinator, so a restart keeps the
     /// instances and their tasks.
     pub stop_on_drop: bool,
@@ -61,6 +65,7 @@ impl LocalConfig {
             terminate_grace: Duration::from_secs(10),
             terminated_retention: Duration::from_secs(3600),
             usd_per_hour: None,
+            agent_config_template: None,
             stop_on_drop: true,
         }
     }
@@ -225,6 +230,9 @@ impl LocalProvider {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(dir_error)?;
+        if let Some(template) = &self.config.agent_config_template {
+            self.write_agent_config(id, &dir, template, tags, boot_values)?;
+        }
         let stdout = std::fs::File::create(dir.join("stdout.log")).map_err(dir_error)?;
         let stderr = std::fs::File::create(dir.join("stderr.log")).map_err(dir_error)?;
 
@@ -291,6 +299,61 @@ impl LocalProvider {
             state: InstanceState::Running,
             ended_at: None,
         })
+    }
+
+    /// Renders the agent config template into the instance's directory, readable by its owner only because it
+    /// holds the bootstrap token.
+    fn write_agent_config(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        template: &str,
+        tags: &BTreeMap<String, String>,
+        boot_values: &BTreeMap<String, clearml_api::Secret>,
+    ) -> Result<(), ProviderError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let mut vars: BTreeMap<String, String> = boot_values
+            .iter()
+            .map(|(name, value)| (name.clone(), value.expose().to_owned()))
+            .collect();
+        vars.insert("instance_id".to_owned(), id.to_owned());
+        vars.insert("dir".to_owned(), dir.display().to_string());
+        vars.insert("cluster".to_owned(), self.config.cluster.clone());
+        for (tag, name) in [
+            (crate::providers::TAG_QUEUE, "queue"),
+            (crate::providers::TAG_RESOURCE, "resource"),
+            (TAG_INTENT, "intent_id"),
+        ] {
+            if let Some(value) = tags.get(tag) {
+                vars.insert(name.to_owned(), value.clone());
+            }
+        }
+        let text =
+            crate::providers::aws::user_data::render_text(template, &vars).map_err(|reason| {
+                ProviderError::UserData {
+                    resource: tags
+                        .get(crate::providers::TAG_RESOURCE)
+                        .cloned()
+                        .unwrap_or_default(),
+                    reason: format!("agent config template: {reason}"),
+                }
+            })?;
+        let path = dir.join("agent.toml");
+        let dir_error = |source| ProviderError::InstanceDir {
+            instance_id: id.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(dir_error)?;
+        file.write_all(text.as_bytes()).map_err(dir_error)
     }
 
     fn forget_old_terminated(&self, state: &mut State, now: Duration) {
@@ -751,6 +814,44 @@ mod tests {
             state_of(&second, &ids[0]).await,
             Some(InstanceState::Terminated)
         );
+    }
+
+    #[tokio::test]
+    async fn agent_config_is_rendered_before_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut provider = provider(
+            dir.path(),
+            "cat \"$2/agent.toml\" > \"$2/seen\"; exec sleep 600",
+        );
+        provider.config.agent_config_template = Some(
+            "id = \"{{instance_id}}\"\ntoken = \"{{bootstrap_token}}\"\nqueue = \"{{queue}}\"\n"
+                .to_owned(),
+        );
+        let mut launch = request("intent-8");
+        launch.boot_values.insert(
+            "bootstrap_token".to_owned(),
+            clearml_api::Secret::new("token-8"),
+        );
+
+        let outcome = provider.launch(&launch, 1, "intent-8").await.unwrap();
+
+        let id = &outcome.instances[0].id;
+        let path = provider.instance_dir(id).join("agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            format!("id = \"{id}\"\ntoken = \"token-8\"\nqueue = \"default\"\n")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        provider.config.agent_config_template = Some("{{no_such_value}}".to_owned());
+        let err = provider
+            .launch(&request("intent-9"), 1, "intent-9")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no_such_value"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,13 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.fleet().is_some() {
         return (StatusCode::OK, "ready: leader\n").into_response();
     }
+    if matches!(node.source, super::StateSource::File(_)) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the standalone fleet is not running; see the log\n",
+        )
+            .into_response();
+    }
     match node.leader_within(PROBE_LOOKUP_LIMIT).await {
         Some((leader, _)) => {
             (StatusCode::OK, format!("ready: follower of {leader}\n")).into_response()

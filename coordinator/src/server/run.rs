@@ -63,17 +63,21 @@ pub enum RunError {
         "the configuration has no [etcd] table; add one, or run a single replica with --standalone"
     )]
     NoEtcd,
-    #[error(
-        "--state-file is only used with --standalone; a clustered replica keeps its records in etcd"
-    )]
-    StateFileWithoutStandalone,
+    #[error("cannot read or create the agent token key {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the records: {0}; fix or delete the state file")]
+    Load(String),
     #[error("cannot set up the etcd client: {0}")]
     Etcd(#[from] EtcdError),
     #[error("cannot set up a cloud provider: {0}")]
     Provider(#[from] ProviderError),
     #[error("cannot set up the ClearML client: {0}")]
     Clearml(#[from] clearml_api::Error),
-    #[error("cannot install the SIGTERM handler: {0}")]
+    #[error("cannot install the SIGTERM and SIGINT handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -100,22 +104,17 @@ fn install_crypto_provider() {
 }
 
 async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), RunError> {
-    if options.state_file.is_some() && !options.standalone {
-        return Err(RunError::StateFileWithoutStandalone);
-    }
     if !options.standalone && config.etcd.is_none() {
         return Err(RunError::NoEtcd);
     }
     let metrics = Arc::new(Metrics::new());
+    let state_file = options
+        .state_file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.state.json", config.cluster)));
     let keys = match &config.api.bootstrap_key {
         Some(key) => AgentKeys::new(key.clone()),
-        None => {
-            tracing::warn!(
-                "no api.bootstrap_key_env or api.bootstrap_key_file: using a random key; agents must register again \
-                 after a restart of this coordinator"
-            );
-            AgentKeys::random()
-        }
+        None => standalone_key(&state_file)?,
     };
     let clearml = clearml_client(&config)?;
     let providers = build_providers(&config).await?;
@@ -133,10 +132,7 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
     let mut _standalone_role = None;
     let mut _standalone_deadline = None;
     let (role, deadline, source, elector, pool, advertise) = if options.standalone {
-        let path = options
-            .state_file
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{}.state.json", config.cluster)));
+        let path = state_file.clone();
         tracing::info!(state_file = %path.display(), "standalone: this replica leads over a local state file");
         let (sender, role) = watch::channel(Role::Leader(Term {
             revision: 1,
@@ -217,46 +213,66 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
     let mut fleet: Option<FleetHandle> = None;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signals)?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(RunError::Signals)?;
+    // When the next attempt to load the records is due, after a failed one.
+    let mut retry_load: Option<tokio::time::Instant> = None;
+    let mut failure = None;
     loop {
         let current = role_changes.borrow_and_update().clone();
         match (&current, &fleet) {
-            (Role::Leader(term), None) => {
-                fleet = become_leader(
-                    &node,
-                    term,
-                    &config,
-                    &providers,
-                    &clearml,
-                    &keys,
-                    &metrics,
-                    pool.as_ref(),
-                    &role,
-                    &deadline,
-                )
-                .await;
-                if fleet.is_none() {
-                    // Loading failed; try again unless the role changes meanwhile.
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        changed = role_changes.changed() => if changed.is_err() { break } else { continue },
+            (Role::Leader(term), None)
+                if retry_load.is_none_or(|at| tokio::time::Instant::now() >= at) =>
+            {
+                let leader = LeaderParts {
+                    config: &config,
+                    providers: &providers,
+                    clearml: &clearml,
+                    keys: &keys,
+                    metrics: &metrics,
+                    pool: pool.as_ref(),
+                    role: &role,
+                    deadline: &deadline,
+                };
+                match become_leader(&node, term, leader).await {
+                    Ok(handle) => {
+                        fleet = Some(handle);
+                        retry_load = None;
+                    }
+                    // A standalone replica's file does not repair itself: stop with the reason.
+                    Err(reason) if options.standalone => {
+                        failure = Some(RunError::Load(reason));
+                        break;
+                    }
+                    Err(reason) => {
+                        tracing::warn!(term = term.revision, error = %reason, "elected, but the records could not be loaded; retrying in 1 s");
+                        retry_load = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                 }
             }
             (Role::Leader(term), Some(handle)) if handle.core.term != term.revision => {
-                step_down(&node, &mut fleet, &metrics);
+                step_down(&node, &mut fleet, &metrics, "a newer term began");
                 continue;
             }
-            (Role::Follower, Some(_)) => step_down(&node, &mut fleet, &metrics),
+            (Role::Follower, Some(_)) => step_down(&node, &mut fleet, &metrics, "leadership ended"),
+            (Role::Follower, None) => retry_load = None,
             _ => {}
         }
+        let retry_due = async {
+            match retry_load {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = role_changes.changed() => if changed.is_err() { break },
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received; stopping"); break }
+            _ = retry_due => {}
+            _ = interrupt.recv() => { tracing::info!("SIGINT received; stopping"); break }
             _ = terminate.recv() => { tracing::info!("SIGTERM received; stopping"); break }
         }
     }
 
-    step_down(&node, &mut fleet, &metrics);
+    step_down(&node, &mut fleet, &metrics, "the replica is stopping");
     if let Some(elector) = elector {
         elector.shutdown().await;
     }
@@ -266,23 +282,85 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
     let _ = stop_servers.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
-    tracing::info!("coordinator replica stopped");
-    Ok(())
+    match failure {
+        Some(err) => Err(err),
+        None => {
+            tracing::info!("coordinator replica stopped");
+            Ok(())
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a replica needs to start its fleet.
+struct LeaderParts<'a> {
+    config: &'a Arc<Config>,
+    providers: &'a BTreeMap<String, Arc<dyn CloudProvider>>,
+    clearml: &'a clearml_api::Client,
+    keys: &'a AgentKeys,
+    metrics: &'a Arc<Metrics>,
+    pool: Option<&'a Arc<EtcdPool>>,
+    role: &'a watch::Receiver<Role>,
+    deadline: &'a watch::Receiver<Option<tokio::time::Instant>>,
+}
+
+/// Reads the agent token key of a standalone replica from `<state file>.key`, or creates it there (mode 0600)
+/// on the first start, so agents' tokens stay valid across restarts. Config validation requires a configured
+/// key whenever etcd is used, so only a standalone replica gets here.
+fn standalone_key(state_file: &std::path::Path) -> Result<AgentKeys, RunError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut path = state_file.as_os_str().to_owned();
+    path.push(".key");
+    let path = PathBuf::from(path);
+    let key_error = |source| RunError::KeyFile {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 32 => {
+            return Ok(AgentKeys::new(clearml_api::Secret::new(text.trim())));
+        }
+        Ok(_) => {
+            return Err(key_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the key file holds fewer than 32 characters; delete it to make a new key",
+            )));
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(key_error(err)),
+    }
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(key_error)?;
+    }
+    let key = crate::auth::generate_token();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(key_error)?;
+    file.write_all(key.expose().as_bytes()).map_err(key_error)?;
+    tracing::info!(key_file = %path.display(), "created the key of the node agents' tokens");
+    Ok(AgentKeys::new(key))
+}
+
+/// Loads the records under `term` and starts the fleet; the error says why the records could not be loaded.
 async fn become_leader(
     node: &Arc<Node>,
     term: &Term,
-    config: &Arc<Config>,
-    providers: &BTreeMap<String, Arc<dyn CloudProvider>>,
-    clearml: &clearml_api::Client,
-    keys: &AgentKeys,
-    metrics: &Arc<Metrics>,
-    pool: Option<&Arc<EtcdPool>>,
-    role: &watch::Receiver<Role>,
-    deadline: &watch::Receiver<Option<tokio::time::Instant>>,
-) -> Option<FleetHandle> {
+    parts: LeaderParts<'_>,
+) -> Result<FleetHandle, String> {
+    let LeaderParts {
+        config,
+        providers,
+        clearml,
+        keys,
+        metrics,
+        pool,
+        role,
+        deadline,
+    } = parts;
     let store: Arc<dyn StateStore> = match (&node.source, pool, &config.etcd) {
         (StateSource::File(store), _, _) => store.clone(),
         (StateSource::Etcd { .. }, Some(pool), Some(etcd)) => Arc::new(EtcdStateStore::new(
@@ -290,24 +368,19 @@ async fn become_leader(
             term.clone(),
             &etcd.key_prefix,
         )),
-        _ => return None,
+        _ => return Err("no state store is configured".to_owned()),
     };
-    let registry = match tokio::time::timeout(LOAD_TIMEOUT, Registry::load(store, term.revision))
-        .await
-    {
-        Ok(Ok(registry)) => registry,
-        Ok(Err(err)) => {
-            tracing::warn!(term = term.revision, error = %err, "elected, but loading the records failed; retrying");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!(
-                term = term.revision,
-                "elected, but loading the records timed out; retrying"
-            );
-            return None;
-        }
-    };
+    let registry =
+        match tokio::time::timeout(LOAD_TIMEOUT, Registry::load(store, term.revision)).await {
+            Ok(Ok(registry)) => registry,
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "loading took longer than {} s",
+                    LOAD_TIMEOUT.as_secs()
+                ));
+            }
+        };
     let core = Arc::new(FleetCore::new(
         config.clone(),
         term.revision,
@@ -325,14 +398,19 @@ async fn become_leader(
     metrics.set("fleet_coordinator_term", &[], term.revision as f64);
     metrics.inc("fleet_coordinator_leader_elections_total", &[]);
     tracing::info!(term = term.revision, "this replica leads; fleet started");
-    Some(handle)
+    Ok(handle)
 }
 
-fn step_down(node: &Node, fleet: &mut Option<FleetHandle>, metrics: &Metrics) {
+/// Stops the fleet, if one runs. A stop on shutdown is logged at info level, a lost leadership as a warning.
+fn step_down(node: &Node, fleet: &mut Option<FleetHandle>, metrics: &Metrics, reason: &str) {
     if let Some(handle) = fleet.take() {
         handle.stop();
         node.set_fleet(None);
-        tracing::warn!(term = handle.core.term, "leadership ended; fleet stopped");
+        if reason == "the replica is stopping" {
+            tracing::info!(term = handle.core.term, "fleet stopped: {reason}");
+        } else {
+            tracing::warn!(term = handle.core.term, "fleet stopped: {reason}");
+        }
     }
     metrics.set("fleet_coordinator_leader", &[], 0.0);
     metrics.set("fleet_coordinator_term", &[], 0.0);

@@ -18,29 +18,42 @@ pub const OPERATOR_TOKEN: &str = "fleetctl-test-operator-token";
 /// Time limit of one `fleetctl` run, after which the test kills it.
 const FLEETCTL_LIMIT: Duration = Duration::from_secs(30);
 
-/// Kills the local instances a test's coordinator started, which live in their own process groups, by the
-/// test directory that each one's command line names.
+/// Kills the local instances a test's coordinator started, which live in their own process groups: each
+/// instance directory's `instance.json` names the group's leader.
 struct InstanceReaper(PathBuf);
 
 impl Drop for InstanceReaper {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .arg("-KILL")
-            .arg("-f")
-            .arg(self.0.display().to_string())
-            .status();
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("instance.json")) else {
+                continue;
+            };
+            let pid = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|file| file["pid"].as_i64());
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on the process group of an instance this test launched.
+                unsafe {
+                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                }
+            }
+        }
     }
 }
 
 /// One standalone coordinator with its emulator. Dropping it kills the coordinator and its instances.
+/// Fields drop in declaration order: the reaper must run before the test directory is deleted.
 pub struct Standalone {
+    _reaper: InstanceReaper,
     pub dir: TestDir,
     pub grpc: u16,
     http: u16,
     emulator: Emulator,
     queue_id: String,
     process: ChildProcess,
-    _reaper: InstanceReaper,
 }
 
 impl Standalone {
@@ -48,7 +61,7 @@ impl Standalone {
     pub async fn start(test: &str) -> Standalone {
         fleet_tests::node::init_test_logging();
         let dir = TestDir::new(test).unwrap();
-        let reaper = InstanceReaper(dir.path().to_path_buf());
+        let reaper = InstanceReaper(dir.join("instances"));
         let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
             .await
             .unwrap();
@@ -124,13 +137,13 @@ max_instances = 10
             .env("FLEET_OPERATOR_TOKEN", OPERATOR_TOKEN);
         let process = ChildProcess::spawn("coordinator", command, dir.path()).unwrap();
         let standalone = Standalone {
+            _reaper: reaper,
             dir,
             grpc,
             http,
             emulator,
             queue_id,
             process,
-            _reaper: reaper,
         };
         standalone.wait_ready().await;
         standalone

@@ -12,6 +12,19 @@ pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 /// Whitespace inside the braces is ignored (`{{ queue }}` works). A placeholder without a value is an error,
 /// so a typo never reaches an instance as literal braces.
 pub fn render(template: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let rendered = render_text(template, vars)?;
+    if rendered.len() > MAX_USER_DATA_BYTES {
+        return Err(format!(
+            "rendered user data is {} bytes; EC2 accepts at most {MAX_USER_DATA_BYTES} bytes before base64 encoding",
+            rendered.len()
+        ));
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(rendered))
+}
+
+/// Replaces every `{{name}}` in `template` with `vars[name]`, with the rules of [`render`], and returns the
+/// text as it is.
+pub fn render_text(template: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
     let mut rendered = String::with_capacity(template.len());
     let mut rest = template;
 
@@ -36,14 +49,7 @@ pub fn render(template: &str, vars: &BTreeMap<String, String>) -> Result<String,
         rest = &after_open[end + 2..];
     }
     rendered.push_str(rest);
-
-    if rendered.len() > MAX_USER_DATA_BYTES {
-        return Err(format!(
-            "rendered user data is {} bytes; EC2 accepts at most {MAX_USER_DATA_BYTES} bytes before base64 encoding",
-            rendered.len()
-        ));
-    }
-    Ok(base64::engine::general_purpose::STANDARD.encode(rendered))
+    Ok(rendered)
 }
 
 #[cfg(test)]
