@@ -2,6 +2,7 @@
 //! fake worker and the fleet simulator.
 
 pub mod cluster;
+pub mod demo;
 pub mod ec2;
 pub mod emulator;
 pub mod etcd;
