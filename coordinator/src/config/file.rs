@@ -94,6 +94,9 @@ pub struct DefaultsSection {
     /// listing can lag behind a launch.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_seconds: u64,
+    /// Time a node agent stopped by SIGTERM lets its running task finish before it requeues the task.
+    #[serde(default = "default_drain_grace")]
+    pub drain_grace_seconds: u64,
 }
 
 impl Default for DefaultsSection {
@@ -107,6 +110,7 @@ impl Default for DefaultsSection {
             max_launches_per_tick: default_max_launches_per_tick(),
             reconcile_interval_seconds: default_reconcile_interval(),
             orphan_grace_seconds: default_orphan_grace(),
+            drain_grace_seconds: default_drain_grace(),
         }
     }
 }
@@ -307,6 +311,9 @@ fn default_reconcile_interval() -> u64 {
 }
 fn default_orphan_grace() -> u64 {
     120
+}
+fn default_drain_grace() -> u64 {
+    30
 }
 fn default_cluster_max() -> u32 {
     100

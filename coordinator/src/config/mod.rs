@@ -40,6 +40,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// Instances with the cluster's tags and no record are left alone while younger than this.
     pub orphan_grace: Duration,
+    /// Time a node agent stopped by SIGTERM lets its running task finish, sent to agents at registration.
+    pub drain_grace: Duration,
     pub api: ApiConfig,
     pub aws: Option<AwsConfig>,
     pub local: Option<LocalConfig>,

@@ -151,6 +151,7 @@ pub(super) fn check(
         orphan_timeout: Duration::from_secs(defaults.orphan_timeout_seconds),
         reconcile_interval: Duration::from_secs(defaults.reconcile_interval_seconds),
         orphan_grace: Duration::from_secs(defaults.orphan_grace_seconds),
+        drain_grace: Duration::from_secs(defaults.drain_grace_seconds),
         api,
         aws: aws.flatten(),
         local,
@@ -416,6 +417,13 @@ fn check_defaults(file: &ConfigFile, problems: &mut Problems) {
     problems.range(
         "defaults.reconcile_interval_seconds",
         defaults.reconcile_interval_seconds,
+        1,
+        3_600,
+        " seconds",
+    );
+    problems.range(
+        "defaults.drain_grace_seconds",
+        defaults.drain_grace_seconds,
         1,
         3_600,
         " seconds",

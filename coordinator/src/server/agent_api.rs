@@ -18,8 +18,6 @@ use crate::store::InstanceState;
 
 /// Longest time an agent waits before it requests termination again after a rejection.
 const MAX_TERMINATION_RETRY_SECONDS: u32 = 30;
-/// Time an agent gives a drain before it stops clearml-agent anyway.
-const DRAIN_GRACE_SECONDS: u32 = 30;
 
 #[derive(Clone)]
 pub struct AgentApi {
@@ -78,7 +76,7 @@ impl AgentApi {
                     .unwrap_or(config.policy.max_idle.as_secs() as u32),
                 heartbeat_interval_seconds: heartbeat_interval,
                 orphan_timeout_seconds: config.orphan_timeout.as_secs() as u32,
-                drain_grace_seconds: DRAIN_GRACE_SECONDS,
+                drain_grace_seconds: config.drain_grace.as_secs() as u32,
                 termination_retry_seconds: termination_retry_seconds(config),
             }),
             ..Default::default()

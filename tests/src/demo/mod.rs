@@ -30,6 +30,8 @@ use crate::harness::{ChildProcess, TestDir, free_port, venv_bin};
 pub const QUEUE: &str = "default";
 /// The demo coordinator's viewer and operator token, for fleetctl against a running demo.
 pub const DEMO_TOKEN: &str = "demo-operator-token";
+/// Time a node agent gives its running task when the demo stops it, before it requeues the task.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -219,7 +221,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
                 dir.path().display()
             );
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = wait_for_interrupt() => {
+                out.finish_progress();
+                out.line("interrupted; stopping the fleet");
+                stop(&mut coordinator, &reaper).await;
+                anyhow::bail!("interrupted before the fleet was back to zero");
+            }
+        }
     }
     out.finish_progress();
 
@@ -242,6 +252,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
         ));
         wait_for_interrupt().await;
     }
+    stop(&mut coordinator, &reaper).await;
+    Ok(summary)
+}
+
+/// Stops the coordinator, then the instances: SIGTERM lets each node agent requeue its task and stop its
+/// clearml-agent within the drain grace, and SIGKILL follows for any agent still running after that.
+async fn stop(coordinator: &mut ChildProcess, reaper: &InstanceReaper) {
     coordinator.terminate();
     let stopped =
         crate::harness::wait_until(Duration::from_secs(10), "the coordinator stops", || {
@@ -251,8 +268,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
     if stopped.is_err() {
         coordinator.kill();
     }
-    drop(reaper);
-    Ok(summary)
+    reaper.signal(libc::SIGTERM);
+    let limit = DRAIN_GRACE + Duration::from_secs(10);
+    let _ = crate::harness::wait_until(limit, "the instances stop", || reaper.running() == 0).await;
 }
 
 async fn wait_ready(http: u16, coordinator: &mut ChildProcess) -> anyhow::Result<()> {
@@ -480,6 +498,7 @@ max_idle_seconds = 10
 heartbeat_timeout_seconds = 10
 reconcile_interval_seconds = 2
 orphan_grace_seconds = 30
+drain_grace_seconds = {drain_grace}
 
 [budget]
 max_instances = {max}
@@ -511,6 +530,7 @@ resources = ["local"]
 max_instances = {max}
 "#,
         clearml = emulator.url(),
+        drain_grace = DRAIN_GRACE.as_secs(),
         max = options.max_instances,
         instances = serde_json::Value::from(dir.join("instances").display().to_string()),
         exe = serde_json::Value::from(exe.display().to_string()),
@@ -551,14 +571,20 @@ impl InstanceReaper {
     }
 }
 
-impl Drop for InstanceReaper {
-    fn drop(&mut self) {
+impl InstanceReaper {
+    fn signal(&self, signal: libc::c_int) {
         for pid in self.pids() {
             // SAFETY: kill(2) on the process group of an instance this demo launched.
             unsafe {
-                libc::kill(-pid, libc::SIGKILL);
+                libc::kill(-pid, signal);
             }
         }
+    }
+}
+
+impl Drop for InstanceReaper {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
     }
 }
 
