@@ -206,6 +206,16 @@ impl CoordinatorClient {
         .await
     }
 
+    /// Takes up a registration saved before a restart of this agent: the coordinator's session token stays
+    /// valid for the instance, and its one-time bootstrap token could not be used again.
+    pub fn resume(
+        &self,
+        instance_id: &str,
+        response: fleet_proto::v1::RegisterResponse,
+    ) -> Result<Registration, CoordinatorError> {
+        self.accept_registration(instance_id, response)
+    }
+
     fn accept_registration(
         &self,
         instance_id: &str,

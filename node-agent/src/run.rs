@@ -342,6 +342,22 @@ async fn register_instance(
         }
     };
 
+    let saved = config
+        .agent
+        .state_dir
+        .join(format!("registration-{instance_id}.pb"));
+    if let Some(response) = read_saved_registration(&saved) {
+        match coordinator.resume(&instance_id, response) {
+            Ok(registration) => {
+                tracing::info!(%instance_id, path = %saved.display(), "resumed the registration saved before a restart");
+                return Ok((instance_id, registration));
+            }
+            Err(error) => {
+                tracing::warn!(%instance_id, %error, "the saved registration is invalid; registering again");
+            }
+        }
+    }
+
     let registration = coordinator
         .register(
             RegisterRequest {
@@ -353,7 +369,49 @@ async fn register_instance(
             config.coordinator.registration_timeout,
         )
         .await?;
+    save_registration(&saved, &registration)?;
     Ok((instance_id, registration))
+}
+
+/// Reads a registration saved by an earlier run of this agent on this instance, if any.
+fn read_saved_registration(path: &Path) -> Option<fleet_proto::v1::RegisterResponse> {
+    use prost::Message;
+    let bytes = std::fs::read(path).ok()?;
+    match fleet_proto::v1::RegisterResponse::decode(bytes.as_slice()) {
+        Ok(response) => Some(response),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "unreadable saved registration; registering again");
+            None
+        }
+    }
+}
+
+/// Saves the registration (mode 0600: it holds the session token and the ClearML credentials), so a restarted
+/// agent resumes it instead of presenting its one-time bootstrap token again.
+fn save_registration(
+    path: &Path,
+    registration: &crate::coordinator::Registration,
+) -> Result<(), StartError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use prost::Message;
+    let response = fleet_proto::v1::RegisterResponse {
+        session_token: registration.session_token.expose().to_owned(),
+        config: Some(registration.config.clone()),
+    };
+    let io_error = |source| StartError::Io {
+        what: format!("save the registration to {}", path.display()),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error)?;
+    file.write_all(&response.encode_to_vec()).map_err(io_error)
 }
 
 /// Reads the instance id, retrying for up to `timeout` because IMDS can lag at boot.
