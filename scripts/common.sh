@@ -3,7 +3,7 @@
 # missing. The caller sets repo_dir, FLEET_VENV, CARGO_TARGET_DIR and script_name.
 requirements="$repo_dir/scripts/requirements-test.txt"
 
-log() { printf '[%s] %s\n' "$script_name" "$*"; }
+log() { printf '[%s] %s\n' "$script_name" "$*" >&2; }
 fail() { printf '[%s] error: %s\n' "$script_name" "$*" >&2; exit 1; }
 
 # Installs the Debian packages behind the commands that are missing: etcd-server for `etcd`, and

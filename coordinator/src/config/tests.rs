@@ -96,6 +96,17 @@ fn problem_for<'a>(problems: &'a [Problem], key: &str) -> &'a Problem {
 }
 
 #[test]
+fn https_agent_endpoints_need_tls() {
+    let text = VALID.replace(
+        "bootstrap_key_env = \"FLEET_BOOTSTRAP_KEY\"",
+        "bootstrap_key_env = \"FLEET_BOOTSTRAP_KEY\"\nagent_endpoints = [\"https://coordinator-0:7443\"]",
+    );
+    let problems = problems(&text);
+    let problem = problem_for(&problems, "api.agent_endpoints[0]");
+    assert!(problem.message.contains("api.tls_cert_file"), "{problem}");
+}
+
+#[test]
 fn valid_file_builds_policy_and_providers() {
     let config = parse_text(VALID).unwrap();
 

@@ -628,6 +628,13 @@ fn check_api(
                 format!("{endpoint:?}"),
                 "must be an http:// or https:// URL, for example https://coordinator-0.fleet.internal:7443",
             );
+        } else if endpoint.starts_with("https://") && tls.is_none() {
+            problems.add(
+                format!("api.agent_endpoints[{index}]"),
+                format!("{endpoint:?}"),
+                "agents would dial TLS, but this coordinator serves plain gRPC; set api.tls_cert_file and \
+                 api.tls_key_file",
+            );
         }
     }
 

@@ -254,7 +254,7 @@ async fn report_unknown_workers(core: &FleetCore, reported: &mut BTreeSet<String
             .state()
             .instances
             .values()
-            .filter(|record| record.state != InstanceState::Terminated)
+            // A terminated record's worker may still be listed until ClearML drops it; it is not unknown.
             .filter_map(|record| record.worker_id.clone())
             .collect()
     };

@@ -137,7 +137,7 @@ impl Registry {
             InstanceState::Booting | InstanceState::Idle | InstanceState::Busy => {}
             state => {
                 return Err(RegistryError::InvalidTransition {
-                    key: record.key,
+                    key: record.instance_id.unwrap_or(record.key),
                     state,
                     action: "a drain",
                     expected: "booting, idle or busy",

@@ -349,8 +349,11 @@ impl FleetService for FleetApi {
             resource: record.resource.clone(),
             reason: format!("forced termination by operator token {who}"),
         }));
+        // The cloud actor records the transition in a moment; the answer shows where the instance is going.
+        let mut instance = convert::instance(&record);
+        instance.state = v1::InstanceState::Terminating as i32;
         Ok(Response::new(v1::InstanceActionResponse {
-            instance: Some(convert::instance(&record)),
+            instance: Some(instance),
         }))
     }
 
@@ -412,7 +415,10 @@ impl FleetService for FleetApi {
         let status = self
             .change_overrides(&queue, &who, |overrides| match limits {
                 Some(limits) => {
-                    let text = format!("limits of queue {queue} set to {limits:?}");
+                    let text = format!(
+                        "limits of queue {queue} set to {}",
+                        describe_limits(&limits)
+                    );
                     overrides.queue_limits.insert(queue.clone(), limits);
                     text
                 }
@@ -490,6 +496,20 @@ impl FleetApi {
             max_idle_seconds: limits.max_idle_seconds,
         })
     }
+}
+
+/// Lists the limits an override sets, for the event log: `max_instances=4, min_idle=2`.
+fn describe_limits(limits: &QueueLimits) -> String {
+    let parts: Vec<String> = [
+        ("min_instances", limits.min_instances),
+        ("max_instances", limits.max_instances),
+        ("min_idle", limits.min_idle),
+        ("max_idle_seconds", limits.max_idle_seconds),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| value.map(|value| format!("{name}={value}")))
+    .collect();
+    parts.join(", ")
 }
 
 fn require_instance_id(instance_id: &str) -> Result<(), Status> {

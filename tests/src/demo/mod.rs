@@ -245,6 +245,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
             Worker::StandIn => "stand-in".to_owned(),
         },
     };
+    print_summary(&summary, options.json);
     if !options.exit_when_idle {
         out.line(&format!(
             "the fleet is back to zero. It keeps running for fleetctl: FLEET_ENDPOINTS=http://127.0.0.1:{grpc} \
@@ -254,6 +255,27 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
     }
     stop(&mut coordinator, &reaper).await;
     Ok(summary)
+}
+
+/// Prints the summary: JSON on stdout with `--json`, else one line.
+fn print_summary(summary: &Summary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).expect("the summary serializes")
+        );
+    } else {
+        println!(
+            "summary: {} tasks completed, {} lost, {} instances launched, {} running at the end, {:.1} s ({})",
+            summary.tasks_completed,
+            summary.tasks_lost,
+            summary.instances_launched,
+            summary.instances_running_at_end,
+            summary.wall_s,
+            summary.worker
+        );
+    }
+    let _ = std::io::stdout().flush();
 }
 
 /// Stops the coordinator, then the instances: SIGTERM lets each node agent requeue its task and stop its
