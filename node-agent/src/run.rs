@@ -386,7 +386,7 @@ fn read_saved_registration(path: &Path) -> Option<fleet_proto::v1::RegisterRespo
     }
 }
 
-/// Saves the registration (mode 0600: it holds the session token and the ClearML credentials), so a restarted
+/// Saves the registration (mode 0600, because it contains the session token and the ClearML credentials), so a restarted
 /// agent resumes it instead of presenting its one-time bootstrap token again.
 fn save_registration(
     path: &Path,

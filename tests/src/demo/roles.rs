@@ -137,7 +137,7 @@ pub fn fake_clearml_agent(args: &[String]) -> ExitCode {
     })
 }
 
-/// The queue names of clearml-agent's `daemon --queue A B --foreground [--docker IMAGE]` arguments.
+/// Returns the queue names of clearml-agent's `daemon --queue A B --foreground [--docker IMAGE]` arguments.
 fn queues_of(args: &[String]) -> Vec<String> {
     let mut queues = Vec::new();
     let mut after_queue = false;
