@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use clearml_api::Secret;
 use fleet_coordinator::keys::AgentKeys;
 use fleet_tests::cluster::{BOOTSTRAP_KEY, ClusterOptions, CoordinatorCluster, QUEUE, RESOURCE};
@@ -51,25 +50,7 @@ async fn five_tasks_launch_five_instances() {
         );
         let intent = tags.get("fleet:intent-id").expect("intent tag");
 
-        let attribute = cluster
-            .ec2
-            .direct
-            .describe_instance_attribute()
-            .instance_id(id)
-            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-            .send()
-            .await
-            .unwrap();
-        let encoded = attribute
-            .user_data()
-            .and_then(|value| value.value())
-            .expect("user data");
-        let user_data = String::from_utf8(
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .unwrap(),
-        )
-        .unwrap();
+        let user_data = cluster.user_data(id).await.unwrap();
         let token = keys.bootstrap_token(intent);
         assert!(
             user_data.contains(token.expose()),

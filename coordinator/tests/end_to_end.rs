@@ -10,7 +10,6 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use fleet_node_agent::config::Config as AgentConfig;
 use fleet_tests::cluster::{ClusterOptions, CoordinatorCluster, QUEUE};
 use fleet_tests::emulator::EmulatorConfig;
@@ -212,25 +211,7 @@ async fn tasks_run_once_and_the_fleet_scales_to_zero() {
                 continue;
             }
             lifetimes.insert(id.clone(), (Instant::now(), None));
-            let attribute = cluster
-                .ec2
-                .direct
-                .describe_instance_attribute()
-                .instance_id(id)
-                .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-                .send()
-                .await
-                .unwrap();
-            let encoded = attribute
-                .user_data()
-                .and_then(|value| value.value())
-                .unwrap();
-            let user_data = String::from_utf8(
-                base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .unwrap(),
-            )
-            .unwrap();
+            let user_data = cluster.user_data(id).await.unwrap();
             let (coordinator_part, token) = read_user_data(&user_data);
             let node_dir = dir.join(id);
             std::fs::create_dir_all(&node_dir).unwrap();

@@ -11,42 +11,16 @@ use clearml_api::{Client, ClientConfig};
 use fleet_proto::v1::fleet_service_client::FleetServiceClient;
 use fleet_proto::v1::{GetClusterStatusRequest, ListInstancesRequest, WatchEventsRequest};
 use fleet_tests::emulator::{Emulator, EmulatorConfig};
-use fleet_tests::harness::{ChildProcess, TestDir, free_port, wait_until_async};
+use fleet_tests::harness::{ChildProcess, LocalInstances, TestDir, free_port, wait_until_async};
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
 const VIEWER_TOKEN: &str = "standalone-viewer-token";
 
-/// Kills the local instances a test's coordinator started, which live in their own process groups: each
-/// instance directory's `instance.json` names the group's leader.
-struct InstanceReaper(PathBuf);
-
-impl Drop for InstanceReaper {
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(entry.path().join("instance.json")) else {
-                continue;
-            };
-            let pid = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|file| file["pid"].as_i64());
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) on the process group of an instance this test launched.
-                unsafe {
-                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-                }
-            }
-        }
-    }
-}
-
 /// Fields drop in declaration order: the reaper must run before the test directory is deleted.
 struct Standalone {
-    _reaper: InstanceReaper,
+    _reaper: LocalInstances,
     dir: TestDir,
     config: PathBuf,
     grpc: u16,
@@ -111,7 +85,7 @@ max_instances = 10
         );
         let config = dir.join("coordinator.toml");
         std::fs::write(&config, text).unwrap();
-        let reaper = InstanceReaper(instances.clone());
+        let reaper = LocalInstances::new(instances.clone());
         let mut standalone = Standalone {
             _reaper: reaper,
             dir,

@@ -371,6 +371,25 @@ impl CoordinatorCluster {
         Ok(live)
     }
 
+    /// Returns the user data an instance was launched with, decoded, as cloud-init on it would read it.
+    pub async fn user_data(&self, instance_id: &str) -> anyhow::Result<String> {
+        use base64::Engine;
+        let attribute = self
+            .ec2
+            .direct
+            .describe_instance_attribute()
+            .instance_id(instance_id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await?;
+        let encoded = attribute
+            .user_data()
+            .and_then(|value| value.value())
+            .ok_or_else(|| anyhow::anyhow!("instance {instance_id} has no user data"))?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded)?;
+        Ok(String::from_utf8(bytes)?)
+    }
+
     /// Waits until moto reports `count` live instances of this cluster.
     pub async fn wait_for_instances(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
         let result = wait_until_async(

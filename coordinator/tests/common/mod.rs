@@ -1,14 +1,13 @@
 //! A standalone coordinator for tests that run `fleetctl` against it: a ClearML API emulator with the queue
 //! `default`, local-process instances, a viewer and an operator token. Adapted from `standalone.rs`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use clearml_api::tasks::EnqueueTask;
 use clearml_api::{Client, ClientConfig};
 use fleet_tests::emulator::{Emulator, EmulatorConfig};
-use fleet_tests::harness::{ChildProcess, TestDir, free_port, wait_until_async};
+use fleet_tests::harness::{ChildProcess, LocalInstances, TestDir, free_port, wait_until_async};
 
 pub const COORDINATOR: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
 pub const FLEETCTL: &str = env!("CARGO_BIN_EXE_fleetctl");
@@ -18,36 +17,9 @@ pub const OPERATOR_TOKEN: &str = "fleetctl-test-operator-token";
 /// Time limit of one `fleetctl` run, after which the test kills it.
 const FLEETCTL_LIMIT: Duration = Duration::from_secs(30);
 
-/// Kills the local instances a test's coordinator started, which live in their own process groups: each
-/// instance directory's `instance.json` names the group's leader.
-struct InstanceReaper(PathBuf);
-
-impl Drop for InstanceReaper {
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(entry.path().join("instance.json")) else {
-                continue;
-            };
-            let pid = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|file| file["pid"].as_i64());
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) on the process group of an instance this test launched.
-                unsafe {
-                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-                }
-            }
-        }
-    }
-}
-
-/// One standalone coordinator with its emulator. Dropping it kills the coordinator and its instances.
 /// Fields drop in declaration order: the reaper must run before the test directory is deleted.
 pub struct Standalone {
-    _reaper: InstanceReaper,
+    _reaper: LocalInstances,
     pub dir: TestDir,
     pub grpc: u16,
     http: u16,
@@ -61,7 +33,7 @@ impl Standalone {
     pub async fn start(test: &str) -> Standalone {
         fleet_tests::node::init_test_logging();
         let dir = TestDir::new(test).unwrap();
-        let reaper = InstanceReaper(dir.join("instances"));
+        let reaper = LocalInstances::new(dir.join("instances"));
         let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
             .await
             .unwrap();

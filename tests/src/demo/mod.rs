@@ -24,7 +24,7 @@ use tonic::Request;
 use tonic::transport::Channel;
 
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::harness::{ChildProcess, TestDir, free_port, venv_bin};
+use crate::harness::{ChildProcess, LocalInstances, TestDir, free_port, venv_bin};
 
 /// Queue the demo serves.
 pub const QUEUE: &str = "default";
@@ -139,7 +139,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
         );
     let mut coordinator = ChildProcess::spawn("coordinator", command, dir.path())?;
-    let reaper = InstanceReaper(dir.join("instances"));
+    let reaper = LocalInstances::new(dir.join("instances"));
     wait_ready(http, &mut coordinator).await?;
     out.line(&format!(
         "coordinator ready: gRPC 127.0.0.1:{grpc}, HTTP http://127.0.0.1:{http}/status, logs in {}",
@@ -280,7 +280,7 @@ fn print_summary(summary: &Summary, json: bool) {
 
 /// Stops the coordinator, then the instances: SIGTERM lets each node agent requeue its task and stop its
 /// clearml-agent within the drain grace, and SIGKILL follows for any agent still running after that.
-async fn stop(coordinator: &mut ChildProcess, reaper: &InstanceReaper) {
+async fn stop(coordinator: &mut ChildProcess, reaper: &LocalInstances) {
     coordinator.terminate();
     let stopped =
         crate::harness::wait_until(Duration::from_secs(10), "the coordinator stops", || {
@@ -558,56 +558,6 @@ max_instances = {max}
         exe = serde_json::Value::from(exe.display().to_string()),
         template = serde_json::Value::from(dir.join("agent.toml.tmpl").display().to_string()),
     )
-}
-
-/// Kills the local instances' process groups when dropped, and counts the ones still running.
-struct InstanceReaper(PathBuf);
-
-impl InstanceReaper {
-    fn pids(&self) -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir(&self.0) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|entry| std::fs::read_to_string(entry.path().join("instance.json")).ok())
-            .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .filter_map(|file| file["pid"].as_i64())
-            .map(|pid| pid as i32)
-            .collect()
-    }
-
-    /// Counts instance processes that still run (a zombie counts as ended).
-    fn running(&self) -> usize {
-        self.pids()
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                    let state = stat
-                        .rfind(')')
-                        .and_then(|end| stat[end + 1..].split_whitespace().next());
-                    !matches!(state, Some("Z") | Some("X") | None)
-                })
-            })
-            .count()
-    }
-}
-
-impl InstanceReaper {
-    fn signal(&self, signal: libc::c_int) {
-        for pid in self.pids() {
-            // SAFETY: kill(2) on the process group of an instance this demo launched.
-            unsafe {
-                libc::kill(-pid, signal);
-            }
-        }
-    }
-}
-
-impl Drop for InstanceReaper {
-    fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
-    }
 }
 
 async fn wait_for_interrupt() {

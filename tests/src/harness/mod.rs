@@ -4,11 +4,13 @@
 //! venv with the real ClearML clients, a deadline-bound wait, and a per-test temporary directory. The guard means
 //! no process outlives a failed test.
 
+mod local_instances;
 mod partition;
 mod paths;
 mod process;
 mod wait;
 
+pub use local_instances::LocalInstances;
 pub use partition::PartitionProxy;
 pub use paths::{TestDir, free_port, venv_bin, venv_dir};
 pub use process::ChildProcess;
