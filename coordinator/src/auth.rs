@@ -173,7 +173,7 @@ impl BootstrapRecord {
         (token, record)
     }
 
-    /// The stored side of a token derived elsewhere (see [`crate::keys::AgentKeys::bootstrap_token`]).
+    /// Builds the stored side of a token derived elsewhere (see [`crate::keys::AgentKeys::bootstrap_token`]).
     pub fn for_token(intent_id: &str, token: &Secret, count: u32, now_ms: u64) -> BootstrapRecord {
         BootstrapRecord {
             intent_id: intent_id.to_owned(),

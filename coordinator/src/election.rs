@@ -134,7 +134,7 @@ impl Elector {
         self.role.clone()
     }
 
-    /// The instant until which the current term may act, `None` while this replica does not lead. It moves
+    /// Returns the instant until which the current term may act, `None` while this replica does not lead. It moves
     /// forward with every keep-alive. Checking it besides the role guards against a process that was paused
     /// (SIGSTOP, a long GC-like stall) and runs again before its election task has noticed the lost lease.
     pub fn deadline(&self) -> watch::Receiver<Option<Instant>> {

@@ -1,6 +1,6 @@
-//! The reconciler in both directions: an instance with the cluster's tags and no record is terminated after
-//! the grace period unless its agent registers first, a recorded instance that vanished from the cloud is
-//! closed and replaced, and a ClearML worker that claims a fleet instance with no record is reported.
+//! The reconciler in both directions. An instance with the cluster's tags and no record is terminated after
+//! the grace period, unless its agent registers first. A recorded instance that vanished from the cloud is
+//! closed and replaced. A ClearML worker that claims a fleet instance with no record is reported.
 
 use std::time::Duration;
 
@@ -125,7 +125,7 @@ async fn reconciler_handles_orphans_and_gone_instances() {
                 agent_version: "test".to_owned(),
                 hostname: "test".to_owned(),
             };
-            // The leader knows the instance after its first reconcile pass; until then it asks to retry.
+            // The leader lists the instance after its first reconcile pass, and until then it returns UNAVAILABLE.
             async move { agents.register(request).await.is_ok() }
         },
     )

@@ -1,8 +1,8 @@
-//! The whole product on real parts: three etcd members, three coordinators, the EC2 API on moto, the real
-//! `clearml` SDK enqueueing tasks into the ClearML API emulator, and for every instance moto reports a
-//! `fleet-node-agent` booted from the user-data the coordinator wrote, running the real clearml-agent. The
+//! The whole product on real parts. Three etcd members, three coordinators and the EC2 API on moto run, and
+//! the real `clearml` SDK enqueues tasks into the ClearML API emulator. For every instance moto reports, a
+//! `fleet-node-agent` boots from the user-data the coordinator wrote and runs the real clearml-agent. The
 //! tasks run, the leader is SIGKILLed midway, and the idle machines shut themselves down through the shutdown
-//! action (which terminates the instance in moto, as EC2's shutdown behaviour `terminate` does).
+//! action, which terminates the instance in moto as EC2's shutdown behaviour `terminate` does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ struct Node {
     _sigterm: mpsc::Sender<()>,
 }
 
-/// What cloud-init would do with the user-data: take the agent config and the bootstrap token from it.
+/// Extracts the agent config and the bootstrap token from the user data, as cloud-init would.
 fn read_user_data(user_data: &str) -> (String, String) {
     let token = user_data
         .lines()
@@ -155,7 +155,7 @@ async fn enqueue_with_sdk(dir: &TestDir, conf: &Path, name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_run_once_and_the_fleet_scales_to_zero() {
+async fn fleet_runs_tasks_once_and_scales_to_zero() {
     let started = Instant::now();
     let options = ClusterOptions {
         max_idle_seconds: 10,

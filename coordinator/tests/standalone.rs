@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clearml_api::tasks::EnqueueTask;
-use clearml_api::{Client, ClientConfig};
 use fleet_proto::v1::fleet_service_client::FleetServiceClient;
 use fleet_proto::v1::{GetClusterStatusRequest, ListInstancesRequest, WatchEventsRequest};
 use fleet_tests::emulator::{Emulator, EmulatorConfig};
@@ -179,31 +177,11 @@ max_instances = 10
     }
 
     async fn enqueue(&self, count: usize) {
-        let defaults = EmulatorConfig::default();
-        let client = Client::new(
-            ClientConfig::new(
-                &self.emulator.url(),
-                defaults.access_key,
-                defaults.secret_key,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        for index in 0..count {
-            let task = self.emulator.create_task(&format!("task-{index}"), None);
-            client
-                .tasks()
-                .enqueue(&EnqueueTask {
-                    task,
-                    queue: Some(self.queue_id.clone()),
-                    queue_name: None,
-                    status_reason: None,
-                    status_message: None,
-                    force: false,
-                })
-                .await
-                .unwrap();
-        }
+        let client = self.emulator.client().unwrap();
+        self.emulator
+            .enqueue_new_tasks(&client, &self.queue_id, count)
+            .await
+            .unwrap();
     }
 }
 

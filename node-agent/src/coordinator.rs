@@ -52,7 +52,7 @@ pub enum CoordinatorError {
 
 impl CoordinatorError {
     /// Returns true when no coordinator leader could be reached, as opposed to a leader returning an error.
-    /// A replica that answers that it is not the leader counts as unreachable: it cannot serve the call.
+    /// A replica that responds that it is not the leader counts as unreachable, because it cannot serve the call.
     pub fn is_unreachable(&self) -> bool {
         match self {
             CoordinatorError::Call { status, .. } => {
@@ -353,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_refusal_moves_to_the_next_endpoint() {
+    fn follower_rejection_tries_next_endpoint() {
         let mut status = tonic::Status::failed_precondition(
             "replica coordinator-1 is not the leader; send writes to the leader coordinator-0 at 10.0.0.5:7443",
         );
@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_rejection_is_final() {
+    fn leader_rejection_is_final() {
         let status = tonic::Status::failed_precondition(
             "instance i-1 is Terminated; a heartbeat needs it in booting, idle, busy, draining or terminating",
         );

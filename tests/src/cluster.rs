@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
-use clearml_api::tasks::EnqueueTask;
 use clearml_api::{Client, ClientConfig};
 use fleet_proto::v1::fleet_service_client::FleetServiceClient;
 use serde::Deserialize;
@@ -311,23 +310,10 @@ impl CoordinatorCluster {
 
     /// Creates `count` tasks and enqueues them in the test queue through the ClearML API.
     pub async fn enqueue_tasks(&self, count: usize) -> anyhow::Result<Vec<String>> {
-        let mut ids = Vec::with_capacity(count);
-        for index in 0..count {
-            let id = self.emulator.create_task(&format!("task-{index}"), None);
-            self.clearml
-                .tasks()
-                .enqueue(&EnqueueTask {
-                    task: id.clone(),
-                    queue: Some(self.queue_id.clone()),
-                    queue_name: None,
-                    status_reason: None,
-                    status_message: None,
-                    force: false,
-                })
-                .await?;
-            ids.push(id);
-        }
-        Ok(ids)
+        Ok(self
+            .emulator
+            .enqueue_new_tasks(&self.clearml, &self.queue_id, count)
+            .await?)
     }
 
     /// Instances of this cluster that moto reports in a state other than terminated, by id, with their

@@ -70,3 +70,30 @@ fn demo_with_real_clearml_agent_completes_tasks() {
     assert_eq!(summary["tasks_lost"], 0, "{summary}");
     assert_eq!(summary["instances_running_at_end"], 0, "{summary}");
 }
+
+#[test]
+fn demo_rejects_bad_flags() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--tasks", "0"],
+            "--tasks 0: the burst needs at least one task",
+        ),
+        (
+            &["--task-seconds", "9..3"],
+            "the minimum is above the maximum; use MIN..MAX",
+        ),
+        (
+            &["--task-seconds", "soon"],
+            "\"soon\" is not a number of seconds",
+        ),
+    ];
+    for (args, message) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_fleet-demo"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}

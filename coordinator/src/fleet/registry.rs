@@ -167,7 +167,7 @@ fn publish(core: &FleetCore, state: &crate::store::State) {
     core.metrics.set("fleet_hourly_spend_usd", &[], spend);
 }
 
-/// The lower-case name of a state, as the API and metrics show it.
+/// Returns the lower-case name of a state, as the API and metrics show it.
 pub fn state_name(state: InstanceState) -> &'static str {
     match state {
         InstanceState::Requested => "requested",

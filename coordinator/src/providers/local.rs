@@ -1,6 +1,6 @@
 //! The local provider: each instance is a child process of this coordinator, with its own id and directory.
 //!
-//! It serves tests, the demo and a single large on-premises machine. Each instance's directory holds
+//! It serves tests, the demo and a single large on-premises machine. Each instance's directory contains
 //! `instance.json` (process id, process start time, tags, launch time), so a provider started again on the
 //! same `base_dir`, after a coordinator restart, finds the instances that still run and reports the others
 //! as terminated. With `stop_on_drop`, dropping the provider kills every process group it knows instead.
@@ -74,8 +74,8 @@ impl LocalConfig {
 struct LocalInstance {
     /// The child handle; `None` for an instance found in `base_dir` that an earlier provider started.
     child: Option<Child>,
-    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`), which tells a reused pid
-    /// from the instance's process.
+    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`), which sets a reused pid
+    /// apart from the instance's process.
     start_ticks: Option<u64>,
     /// Process group id, equal to the child's pid because it leads its own group.
     pgid: Option<i32>,
@@ -156,7 +156,7 @@ impl LocalInstance {
     }
 }
 
-/// What `instance.json` in an instance's directory stores.
+/// Contents of `instance.json` in an instance's directory.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct InstanceFile {
     pid: i32,
@@ -302,7 +302,7 @@ impl LocalProvider {
     }
 
     /// Renders the agent config template into the instance's directory, readable by its owner only because it
-    /// holds the bootstrap token.
+    /// contains the bootstrap token.
     fn write_agent_config(
         &self,
         id: &str,

@@ -16,7 +16,7 @@ use crate::providers::{TAG_INTENT, TAG_QUEUE, TAG_RESOURCE};
 use crate::registry::{Adoption, RegistryError};
 use crate::store::InstanceState;
 
-/// Longest time an agent waits before it requests termination again after a rejection.
+/// Maximum time an agent waits before it requests termination again after a rejection.
 const MAX_TERMINATION_RETRY_SECONDS: u32 = 30;
 
 #[derive(Clone)]
@@ -146,7 +146,8 @@ fn heartbeat_interval_seconds(config: &crate::config::Config) -> u32 {
     (config.policy.timeouts.heartbeat.as_secs() / 4).clamp(1, 30) as u32
 }
 
-/// A rejected termination is asked again after two heartbeat intervals, when the queue may have changed.
+/// Returns how long an agent waits after a rejected termination request: two heartbeat intervals, after which
+/// the queue may have changed.
 fn termination_retry_seconds(config: &crate::config::Config) -> u32 {
     (2 * heartbeat_interval_seconds(config)).min(MAX_TERMINATION_RETRY_SECONDS)
 }
@@ -251,7 +252,7 @@ impl AgentService for AgentApi {
         let instance_id = request.get_ref().instance_id.clone();
         self.check_session(&request, &instance_id)?;
         let fleet = self.node.require_leader().await?;
-        // An agent asks only when it is idle, which its last heartbeat may not have reported yet.
+        // An agent requests termination only when it is idle, which its last heartbeat may not have reported yet.
         {
             let mut registry = fleet.core.registry.lock().await;
             let reported_busy = registry.find(&instance_id).is_some_and(|record| {

@@ -349,7 +349,7 @@ impl FleetService for FleetApi {
             resource: record.resource.clone(),
             reason: format!("forced termination by operator token {who}"),
         }));
-        // The cloud actor records the transition in a moment; the answer shows where the instance is going.
+        // The cloud actor records the transition shortly, so the response shows the state the instance is entering.
         let mut instance = convert::instance(&record);
         instance.state = v1::InstanceState::Terminating as i32;
         Ok(Response::new(v1::InstanceActionResponse {

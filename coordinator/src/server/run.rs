@@ -291,7 +291,7 @@ async fn run_replica(config: Arc<Config>, options: RunOptions) -> Result<(), Run
     }
 }
 
-/// What a replica needs to start its fleet.
+/// Parts a replica needs to start its fleet.
 struct LeaderParts<'a> {
     config: &'a Arc<Config>,
     providers: &'a BTreeMap<String, Arc<dyn CloudProvider>>,
@@ -345,7 +345,7 @@ fn standalone_key(state_file: &std::path::Path) -> Result<AgentKeys, RunError> {
     Ok(AgentKeys::new(key))
 }
 
-/// Loads the records under `term` and starts the fleet; the error says why the records could not be loaded.
+/// Loads the records under `term` and starts the fleet. The error describes why the records could not be loaded.
 async fn become_leader(
     node: &Arc<Node>,
     term: &Term,

@@ -192,6 +192,40 @@ impl Emulator {
         id
     }
 
+    /// Creates `count` tasks named `task-0`, `task-1`, ... and enqueues them in queue `queue_id` with `client`'s
+    /// `tasks.enqueue`, as a user's SDK would; returns their ids.
+    pub async fn enqueue_new_tasks(
+        &self,
+        client: &clearml_api::Client,
+        queue_id: &str,
+        count: usize,
+    ) -> Result<Vec<String>, clearml_api::Error> {
+        let mut ids = Vec::with_capacity(count);
+        for index in 0..count {
+            let id = self.create_task(&format!("task-{index}"), None);
+            client
+                .tasks()
+                .enqueue(&clearml_api::tasks::EnqueueTask {
+                    task: id.clone(),
+                    queue: Some(queue_id.to_owned()),
+                    ..Default::default()
+                })
+                .await?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Returns a client of this emulator with its own credentials.
+    pub fn client(&self) -> Result<clearml_api::Client, clearml_api::Error> {
+        let config = &self.shared.config;
+        clearml_api::Client::new(clearml_api::ClientConfig::new(
+            &self.url(),
+            config.access_key.clone(),
+            config.secret_key.clone(),
+        )?)
+    }
+
     /// Returns the ids of the tasks waiting in a queue (given by id or name), front first; empty for an
     /// unknown queue.
     pub fn queue_entries(&self, queue: &str) -> Vec<String> {
