@@ -71,7 +71,12 @@ async fn cut_off_leader_steps_down_and_is_fenced() {
             break;
         }
         for other in (0..cluster.replicas.len()).filter(|index| *index != old) {
-            let other_status = cluster.status(other).await.unwrap();
+            let other_status = cluster.status(other).await.unwrap_or_else(|| {
+                panic!(
+                    "replica {other} does not answer /status\n{}",
+                    cluster.logs(30)
+                )
+            });
             assert_ne!(
                 other_status.role,
                 "leader",

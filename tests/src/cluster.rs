@@ -192,7 +192,34 @@ impl CoordinatorCluster {
         for index in 0..options.replicas {
             cluster.spawn(index, &options.log_filter)?;
         }
+        for index in 0..options.replicas {
+            cluster
+                .wait_for_http(index, Duration::from_secs(30))
+                .await?;
+        }
         Ok(cluster)
+    }
+
+    /// Waits until replica `index` answers `/healthz`, so tests that ask a follower for its status do not
+    /// race the replica's start-up.
+    pub async fn wait_for_http(&self, index: usize, timeout: Duration) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.replicas[index].http);
+        let result = wait_until_async(
+            timeout,
+            &format!("replica {index} to answer /healthz"),
+            || async {
+                self.http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success())
+            },
+        )
+        .await;
+        if let Err(err) = result {
+            anyhow::bail!("{err}\n{}", self.logs(30));
+        }
+        Ok(())
     }
 
     /// Starts replica `index` (again).
