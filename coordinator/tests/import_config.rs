@@ -36,7 +36,7 @@ fn check_config(file: &Path) -> Output {
 }
 
 #[test]
-fn imported_fixture_passes_check_config() {
+fn imported_fixture_passes_check_config_once_placeholders_are_set() {
     let dir = tempfile::tempdir().unwrap();
     let output_path = dir.path().join("fleet.toml");
 
@@ -52,6 +52,31 @@ fn imported_fixture_passes_check_config() {
         stderr.contains("not carried over: hyper_params.default_docker_image"),
         "{stderr}"
     );
+
+    // The placeholders the importer writes for what its input lacks fail the check, each named.
+    let checked = check_config(&output_path);
+    let check_stderr = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{check_stderr}");
+    for needle in [
+        "clearml.api_server = \"https://clearml-api-server.invalid\": the .invalid domain never resolves",
+        "resources.aws4gpu.hourly_price_usd.g4dn.4xlarge = 0: an EC2 instance is never free",
+        "resources.cpu-large.hourly_price_usd.m5.large = 0",
+        "resources.aws4gpu.subnets = \"subnet-REPLACE-default-for-us-east-1b\": a placeholder",
+    ] {
+        assert!(check_stderr.contains(needle), "{needle}\n{check_stderr}");
+    }
+
+    // With the values an operator fills in, the same file is valid.
+    let toml = std::fs::read_to_string(&output_path)
+        .unwrap()
+        .replace("https://clearml-api-server.invalid", "https://api.clear.ml")
+        .replace("\"g4dn.4xlarge\" = 0.0", "\"g4dn.4xlarge\" = 1.204")
+        .replace("\"m5.large\" = 0.0", "\"m5.large\" = 0.096")
+        .replace(
+            "subnet-REPLACE-default-for-us-east-1b",
+            "subnet-0bbbbbbbbbbbbbbbb",
+        );
+    std::fs::write(&output_path, toml).unwrap();
     let checked = check_config(&output_path);
     let check_stderr = String::from_utf8_lossy(&checked.stderr);
     assert_eq!(checked.status.code(), Some(0), "{check_stderr}");
@@ -114,12 +139,31 @@ fn malformed_input_fails_naming_key() {
 }
 
 #[test]
-fn yaml_input_fails_as_not_json() {
+fn yaml_file_converts() {
+    let dir = tempfile::tempdir().unwrap();
+    let output_path = dir.path().join("fleet.toml");
+    let input =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clearml_aws_autoscaler.yaml");
+
+    let output = import(&input, &["-o", output_path.to_str().unwrap()]);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let toml = std::fs::read_to_string(&output_path).unwrap();
+    assert!(toml.contains("[resources.aws4gpu_spot]"), "{toml}");
+    for secret in FIXTURE_SECRETS {
+        assert!(!stderr.contains(secret), "{secret} on stderr");
+        assert!(!toml.contains(secret), "{secret} in the output");
+    }
+}
+
+#[test]
+fn malformed_yaml_fails_without_echoing_it() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("aws_autoscaler.yaml");
     std::fs::write(
         &input,
-        "hyper_params:\n  cloud_credentials_secret: yaml-secret-31c9\n",
+        "hyper_params:\n  cloud_credentials_secret: \"yaml-secret-31c9\n",
     )
     .unwrap();
 
@@ -127,8 +171,8 @@ fn yaml_input_fails_as_not_json() {
 
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("is not valid JSON"), "{stderr}");
-    assert!(stderr.contains("reads JSON only"), "{stderr}");
+    assert!(stderr.contains("is not valid YAML or JSON"), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
     assert!(!stderr.contains("yaml-secret-31c9"), "{stderr}");
 }
 

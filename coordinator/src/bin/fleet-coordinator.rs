@@ -31,11 +31,10 @@ enum Command {
         file: PathBuf,
     },
     /// Converts a ClearML AWS autoscaler configuration (the file of the clearml SDK's aws_autoscaler.py) to
-    /// this coordinator's TOML. It reads JSON only; convert a YAML file with Python's yaml and json modules
-    /// first. Settings that cannot carry over, and secrets, which are never copied, are listed on stderr and as
+    /// this coordinator's TOML. It reads that YAML file, or the same settings as JSON. Settings that cannot carry over, and secrets, which are never copied, are listed on stderr and as
     /// comments at the top of the output. Exit 0 on success (warnings allowed), 1 on invalid input.
     ImportClearmlConfig {
-        /// Path of the ClearML autoscaler's configuration, as JSON.
+        /// Path of the ClearML autoscaler's configuration (aws_autoscaler.yaml), as YAML or JSON.
         file: PathBuf,
         /// Write the TOML to this file instead of stdout.
         #[arg(short, long)]

@@ -19,6 +19,7 @@ use std::time::Duration;
 use clearml_api::Secret;
 
 pub use file::ConfigFile;
+pub use validate::SUBNET_PLACEHOLDER_PREFIX;
 
 use crate::election::ElectionConfig;
 use crate::etcd::EtcdOptions;

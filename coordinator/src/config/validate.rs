@@ -311,6 +311,15 @@ fn check_clearml(
                 format!("{value:?}"),
                 "must be an http:// or https:// URL, for example https://api.clear.ml",
             );
+        } else if let Some(value) = value
+            && is_placeholder_host(value)
+        {
+            problems.add(
+                key,
+                format!("{value:?}"),
+                "the .invalid domain never resolves (import-clearml-config writes it when its input names no \
+                 server); set the URL of your ClearML server",
+            );
         }
     }
     problems.range(
@@ -775,6 +784,29 @@ fn check_aws_resource(
             );
         }
     }
+    for (price_key, price) in &section.hourly_price_usd {
+        if *price == 0.0 {
+            problems.add(
+                format!("{key}.hourly_price_usd.{price_key}"),
+                price,
+                "an EC2 instance is never free, and 0.0 is the placeholder import-clearml-config writes; set the \
+                 type's hourly price in USD for this resource's market (the budget and the cost metrics use it)",
+            );
+        }
+    }
+    for subnet in &section.subnets {
+        if subnet.id.starts_with(SUBNET_PLACEHOLDER_PREFIX) {
+            problems.add(
+                format!("{key}.subnets"),
+                format!("{:?}", subnet.id),
+                format!(
+                    "a placeholder written by import-clearml-config; set the id of a subnet in {} (aws ec2 \
+                     describe-subnets --filters Name=availability-zone,Values={})",
+                    subnet.zone, subnet.zone
+                ),
+            );
+        }
+    }
     for price_key in section.hourly_price_usd.keys() {
         if !section.instance_types.contains(price_key) {
             problems.add(
@@ -1096,6 +1128,17 @@ fn check_provider_sections(file: &ConfigFile, problems: &mut Problems) {
             );
         }
     }
+}
+
+/// Start of the subnet ids that `import-clearml-config` writes when its input names a zone but no subnet.
+pub const SUBNET_PLACEHOLDER_PREFIX: &str = "subnet-REPLACE-";
+
+/// Whether the URL's host is in the `.invalid` top-level domain, which never resolves (RFC 6761).
+fn is_placeholder_host(text: &str) -> bool {
+    url::Url::parse(text)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
+        .is_some_and(|host| host == "invalid" || host.ends_with(".invalid"))
 }
 
 fn is_http_url(text: &str) -> bool {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::{Note, NoteKind};
-use crate::config::Problem;
+use crate::config::{Problem, SUBNET_PLACEHOLDER_PREFIX};
 
 /// Keys of `hyper_params` that the ClearML autoscaler reads.
 const HYPER_PARAMS_KEYS: &[&str] = &[
@@ -867,7 +867,7 @@ fn read_subnet(table: &Table, report: &mut Report) -> Option<Subnet> {
                 ),
             );
             Some(Subnet {
-                id: format!("subnet-REPLACE-default-for-{zone}"),
+                id: format!("{SUBNET_PLACEHOLDER_PREFIX}default-for-{zone}"),
                 zone,
                 placeholder: true,
             })

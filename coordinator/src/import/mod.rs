@@ -5,8 +5,7 @@
 //! (github.com/clearml/clearml) writes and reads: `hyper_params` and `configurations`, as read by
 //! `clearml/automation/auto_scaler.py` (`ScalerConfig.from_config`), `clearml/automation/cloud_driver.py`
 //! (`CloudDriver.from_config`) and `clearml/automation/aws_driver.py` (`AWSDriver.from_config`,
-//! `spin_up_worker`). That file is YAML; this importer reads JSON only, because no YAML crate is in the
-//! workspace.
+//! `spin_up_worker`). That file is YAML; JSON, which is a subset of YAML, is read as well.
 //!
 //! Secrets in the input (AWS keys, Git credentials, ClearML keys) are never copied and never printed: each
 //! becomes a note that names the environment variable to set instead.
@@ -71,11 +70,10 @@ impl fmt::Display for Note {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    /// The input is not JSON; serde_json's message names the line and column, never the text.
+    /// The input is not YAML (or JSON); the parser's message names the line and column, never the text.
     #[error(
-        "{origin} is not valid JSON: {message}. The importer reads JSON only; convert a YAML file first, for \
-         example: python3 -c 'import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)' \
-         < aws_autoscaler.yaml > aws_autoscaler.json"
+        "{origin} is not valid YAML or JSON: {message}. Give the file that aws_autoscaler.py reads with \
+         --config-file (aws_autoscaler.yaml), or the same settings as JSON"
     )]
     Syntax { origin: String, message: String },
 
@@ -94,14 +92,15 @@ fn list(problems: &[Problem]) -> String {
         .join("\n")
 }
 
-/// Converts the JSON text of a ClearML AWS autoscaler configuration; `origin` names the input in errors.
+/// Converts the YAML or JSON text of a ClearML AWS autoscaler configuration; `origin` names the input in
+/// errors.
 pub fn convert(
     text: &str,
     origin: &str,
     options: &ImportOptions,
 ) -> Result<Converted, ImportError> {
     let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|err| ImportError::Syntax {
+        serde_norway::from_str(text).map_err(|err| ImportError::Syntax {
             origin: origin.to_owned(),
             message: err.to_string(),
         })?;

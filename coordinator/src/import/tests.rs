@@ -46,13 +46,23 @@ fn problems(value: &Value) -> String {
     }
 }
 
+/// Parses the converted TOML after filling in its placeholders (server URL, prices, subnet ids) as an operator
+/// would; check-config rejects the placeholders themselves.
 fn checked(converted: &Converted) -> config::Config {
     let env = TestEnvironment(BTreeMap::from([
         ("CLEARML_API_ACCESS_KEY", "access"),
         ("CLEARML_API_SECRET_KEY", "secret"),
     ]));
-    config::parse(&converted.toml, "converted.toml", Path::new("."), &env)
-        .unwrap_or_else(|err| panic!("{err}\n{}", converted.toml))
+    let filled = converted
+        .toml
+        .replace(
+            "clearml-api-server.invalid",
+            "clearml-api-server.example.com",
+        )
+        .replace(" = 0.0 }", " = 1.25 }")
+        .replace("subnet-REPLACE-default-for-", "subnet-filled-in-for-");
+    config::parse(&filled, "converted.toml", Path::new("."), &env)
+        .unwrap_or_else(|err| panic!("{err}\n{filled}"))
 }
 
 fn parsed(converted: &Converted) -> toml::Table {
@@ -279,11 +289,11 @@ fn clearml_conf_servers_carry_over() {
 fn missing_server_gets_placeholder() {
     let converted = convert_value(&fixture()).unwrap();
 
-    let config = checked(&converted);
+    let table = parsed(&converted);
 
     assert_eq!(
-        config.clearml.api_server,
-        "https://clearml-api-server.invalid"
+        table["clearml"]["api_server"].as_str(),
+        Some("https://clearml-api-server.invalid")
     );
     assert!(
         converted
@@ -531,17 +541,32 @@ fn wrong_layout_fails() {
 }
 
 #[test]
-fn yaml_input_fails_as_not_json() {
+fn yaml_input_converts_as_json_does() {
+    let yaml = include_str!("../../tests/fixtures/clearml_aws_autoscaler.yaml");
+
+    let from_yaml = convert(yaml, "aws_autoscaler.yaml", &options()).unwrap();
+    let from_json = convert(FIXTURE, "aws_autoscaler.json", &options()).unwrap();
+
+    assert_eq!(from_yaml.toml, from_json.toml);
+    assert_eq!(from_yaml.notes, from_json.notes);
+}
+
+#[test]
+fn malformed_yaml_fails_naming_line_not_text() {
     let err = convert(
-        "hyper_params:\n  max_idle_time_min: 15\n",
+        "hyper_params:\n  cloud_credentials_secret: \"unterminated-secret-77\n",
         "a.yaml",
         &options(),
     )
     .unwrap_err();
 
     let message = err.to_string();
-    assert!(message.starts_with("a.yaml is not valid JSON"), "{message}");
-    assert!(message.contains("reads JSON only"), "{message}");
+    assert!(
+        message.starts_with("a.yaml is not valid YAML or JSON"),
+        "{message}"
+    );
+    assert!(message.contains("line 2"), "{message}");
+    assert!(!message.contains("unterminated-secret-77"), "{message}");
 }
 
 #[test]
