@@ -36,6 +36,13 @@ fn render(gate_url: &str, config: &AgentConfig) -> String {
 
     let mut text = String::new();
     text.push_str("# Written by fleet-node-agent. clearml-agent reaches the ClearML API through the agent's gate.\n");
+    // The coordinator's extra text comes first: in HOCON a later value of the same key wins, so the gate's
+    // address, the credentials and the worker id below override whatever the extra text sets for them.
+    if !config.extra_clearml_conf.is_empty() {
+        text.push_str("\n# extra_clearml_conf from the coordinator\n");
+        text.push_str(&config.extra_clearml_conf);
+        text.push_str("\n\n# Set by fleet-node-agent\n");
+    }
     text.push_str("api {\n");
     text.push_str(&format!("  api_server: {}\n", quote(gate_url)));
     text.push_str(&format!("  web_server: {}\n", quote(&clearml.web_server)));
@@ -54,11 +61,6 @@ fn render(gate_url: &str, config: &AgentConfig) -> String {
         text.push_str(&format!("  git_pass: {}\n", quote(&git.password)));
     }
     text.push_str("}\n");
-    if !config.extra_clearml_conf.is_empty() {
-        text.push_str("\n# extra_clearml_conf from the coordinator\n");
-        text.push_str(&config.extra_clearml_conf);
-        text.push('\n');
-    }
     text
 }
 
@@ -103,6 +105,24 @@ mod tests {
         assert!(!text.contains("upstream:8008"), "{text}");
         assert!(text.contains("secret_key: \"S\\\"K\""), "{text}");
         assert!(text.contains("worker_id: \"fleet:cpu:i-1\""), "{text}");
+    }
+
+    #[test]
+    fn extra_text_cannot_override_gate() {
+        let config = AgentConfig {
+            worker_id: "fleet:cpu:i-1".to_owned(),
+            extra_clearml_conf:
+                "api.api_server: \"http://elsewhere:8008\"\nsdk.aws.s3.region: \"eu-west-1\""
+                    .to_owned(),
+            ..AgentConfig::default()
+        };
+
+        let text = render("http://127.0.0.1:4000", &config);
+
+        let extra = text.find("http://elsewhere:8008").unwrap();
+        let gate = text.find("api_server: \"http://127.0.0.1:4000\"").unwrap();
+        assert!(extra < gate, "{text}");
+        assert!(text.contains("sdk.aws.s3.region"), "{text}");
     }
 
     #[test]
