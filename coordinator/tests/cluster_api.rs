@@ -20,6 +20,22 @@ use tonic::{Code, Request, Status};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
 
+/// Git token handed to agents; it must never appear in a replica's log.
+const GIT_TOKEN: &str = "git-token-5b7e0c2a";
+
+const AGENT_TOML: &str = r#"[agent]
+docker_image = "nvidia/cuda:12.4.1-runtime-ubuntu22.04"
+init_script = """
+echo prepared > /tmp/prepared
+"""
+extra_clearml_conf = """
+sdk.development.default_output_uri: "s3://models/out"
+"""
+git_user = "ci-bot"
+git_password_env = "FLEET_TEST_GIT_TOKEN"
+task_env = { AWS_DEFAULT_REGION = "FLEET_TEST_TASK_REGION" }
+"#;
+
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
     request
@@ -51,7 +67,18 @@ async fn agent_client(cluster: &CoordinatorCluster, index: usize) -> AgentServic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_rejects_bad_requests() {
-    let mut cluster = CoordinatorCluster::start("api-errors", BINARY, ClusterOptions::default())
+    let options = ClusterOptions {
+        extra_toml: AGENT_TOML.to_owned(),
+        env: [
+            ("FLEET_TEST_GIT_TOKEN", GIT_TOKEN),
+            ("FLEET_TEST_TASK_REGION", "eu-west-1"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = CoordinatorCluster::start("api-errors", BINARY, options)
         .await
         .unwrap();
     let leader = cluster
@@ -262,6 +289,26 @@ async fn api_rejects_bad_requests() {
     let config = registered.config.unwrap();
     assert_eq!(config.queues, vec![QUEUE.to_owned()]);
     assert_eq!(config.worker_id, format!("fleet:cpu:{instance_id}"));
+    // The [agent] table reaches the agent.
+    assert_eq!(
+        config.docker_image,
+        "nvidia/cuda:12.4.1-runtime-ubuntu22.04"
+    );
+    assert_eq!(config.init_script, "echo prepared > /tmp/prepared\n");
+    assert_eq!(
+        config.extra_clearml_conf,
+        "sdk.development.default_output_uri: \"s3://models/out\"\n"
+    );
+    let git = config.git.unwrap();
+    assert_eq!(git.user, "ci-bot");
+    assert_eq!(git.password, GIT_TOKEN);
+    assert_eq!(
+        config
+            .storage_env
+            .get("AWS_DEFAULT_REGION")
+            .map(String::as_str),
+        Some("eu-west-1")
+    );
     assert_status(
         agents.register(register(token.expose())).await,
         Code::PermissionDenied,
@@ -308,4 +355,9 @@ async fn api_rejects_bad_requests() {
         "{}",
         verdict.reason
     );
+
+    // The Git token goes to registered agents only: neither the user data nor a log line holds it.
+    let user_data = cluster.user_data(&instance_id).await.unwrap();
+    assert!(!user_data.contains(GIT_TOKEN));
+    assert!(!cluster.logs(usize::MAX).contains(GIT_TOKEN));
 }

@@ -53,6 +53,10 @@ pub struct ClusterOptions {
     pub heartbeat_timeout_seconds: u64,
     /// `RUST_LOG` of the replicas.
     pub log_filter: String,
+    /// TOML appended to every replica's configuration, for tables the harness does not write.
+    pub extra_toml: String,
+    /// Extra environment variables of the replicas, for the secrets `extra_toml` names.
+    pub env: BTreeMap<String, String>,
 }
 
 impl Default for ClusterOptions {
@@ -68,6 +72,8 @@ impl Default for ClusterOptions {
             max_idle_seconds: 60,
             heartbeat_timeout_seconds: 120,
             log_filter: "info,fleet_coordinator=debug".to_owned(),
+            extra_toml: String::new(),
+            env: BTreeMap::new(),
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct CoordinatorCluster {
     pub failpoints: PathBuf,
     /// The `fleet-coordinator` binary the replicas run.
     binary: PathBuf,
+    /// Extra environment variables of the replicas.
+    env: BTreeMap<String, String>,
     http: reqwest::Client,
 }
 
@@ -185,6 +193,7 @@ impl CoordinatorCluster {
             queue_id,
             failpoints,
             binary: binary.into(),
+            env: options.env.clone(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()?,
@@ -243,7 +252,8 @@ impl CoordinatorCluster {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("FLEET_FAILPOINT_DIR", &self.failpoints);
+            .env("FLEET_FAILPOINT_DIR", &self.failpoints)
+            .envs(&self.env);
         let process = ChildProcess::spawn(&replica.id, command, self.dir.path())?;
         replica.process = Some(process);
         Ok(())
@@ -538,6 +548,8 @@ hourly_price_usd = {{ "m5.large" = 0.096, "c5.large" = 0.085 }}
 name = "{QUEUE}"
 resources = ["{RESOURCE}"]
 max_instances = {max}
+
+{extra}
 "#,
         etcd = quoted(etcd),
         ttl = options.lease_ttl_seconds,
@@ -551,5 +563,6 @@ max_instances = {max}
         agents = agent_endpoints.join(", "),
         ec2 = ec2.proxy.endpoint(),
         template = dir.join("user-data.tmpl").display(),
+        extra = options.extra_toml,
     )
 }

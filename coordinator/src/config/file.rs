@@ -24,6 +24,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub local: Option<LocalSection>,
     #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
     pub resources: BTreeMap<String, ResourceSection>,
     #[serde(default)]
     pub queues: Vec<QueueSection>,
@@ -205,6 +207,27 @@ pub struct LocalSection {
     pub agent_config_template_file: Option<PathBuf>,
 }
 
+/// What every node agent gets at registration besides its queue and the ClearML access.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Default docker image of the tasks; without one, clearml-agent runs tasks in virtualenvs.
+    pub docker_image: Option<String>,
+    /// Text appended to the clearml.conf the node agent writes, inline or from a file.
+    pub extra_clearml_conf: Option<String>,
+    pub extra_clearml_conf_file: Option<PathBuf>,
+    /// Shell script the node agent runs once before clearml-agent starts, inline or from a file.
+    pub init_script: Option<String>,
+    pub init_script_file: Option<PathBuf>,
+    /// Git user for private repositories, with the password or token from a variable or a file.
+    pub git_user: Option<String>,
+    pub git_password_env: Option<String>,
+    pub git_password_file: Option<PathBuf>,
+    /// Environment variables of clearml-agent and its tasks: name = the coordinator's variable with the value.
+    #[serde(default)]
+    pub task_env: BTreeMap<String, String>,
+}
+
 /// One resource. `provider` decides which of the other keys apply; a key of the other provider is an error.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,6 +256,8 @@ pub struct ResourceSection {
     pub user_data_template_file: Option<PathBuf>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Docker image of this resource's tasks, in place of `agent.docker_image`.
+    pub docker_image: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,6 +5,7 @@
 //! environment variables or files named in the file, never from the file itself, and never appear in an error
 //! or a log line.
 
+mod agent;
 mod file;
 mod validate;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use clearml_api::Secret;
 
+pub use agent::{AgentSettings, GitAccess};
 pub use file::ConfigFile;
 pub use validate::SUBNET_PLACEHOLDER_PREFIX;
 
@@ -46,6 +48,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub aws: Option<AwsConfig>,
     pub local: Option<LocalConfig>,
+    /// What node agents get at registration besides their queue and the ClearML access.
+    pub agent: AgentSettings,
 }
 
 #[derive(Debug, Clone)]

@@ -20,6 +20,8 @@ fn env() -> FakeEnvironment {
         ("CLEARML_API_SECRET_KEY", SECRET),
         ("FLEET_OPERATOR_TOKEN", "operator-token"),
         ("FLEET_BOOTSTRAP_KEY", "0123456789abcdef0123456789abcdef"),
+        ("FLEET_GIT_TOKEN", "git-token-never-printed"),
+        ("TASKS_AWS_ACCESS_KEY_ID", "AKIATASKS0000000"),
     ]))
 }
 
@@ -323,5 +325,79 @@ fn resource_validation_message_reads_as_sentence() {
             .to_string()
             .starts_with("resources.gpu-on-demand.spot_max_price is set but"),
         "{problem}"
+    );
+}
+
+#[test]
+fn agent_section_reaches_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("init.sh"), "apt-get install -y htop\n").unwrap();
+    let text = format!(
+        "{VALID}\n[agent]\ndocker_image = \"nvidia/cuda:12.4.1-runtime-ubuntu22.04\"\n\
+         extra_clearml_conf = \"sdk.development.default_output_uri: s3://bucket/out\"\n\
+         init_script_file = \"init.sh\"\ngit_user = \"ci-bot\"\ngit_password_env = \"FLEET_GIT_TOKEN\"\n\
+         task_env = {{ AWS_ACCESS_KEY_ID = \"TASKS_AWS_ACCESS_KEY_ID\" }}\n"
+    )
+    .replace(
+        "hourly_price_usd = { \"g5.xlarge\" = 1.01 }",
+        "hourly_price_usd = { \"g5.xlarge\" = 1.01 }\ndocker_image = \"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime\"",
+    );
+
+    let config = parse(&text, "test.toml", dir.path(), &env()).unwrap();
+
+    let agent = &config.agent;
+    assert_eq!(
+        agent.docker_image_for("gpu-spot"),
+        "nvidia/cuda:12.4.1-runtime-ubuntu22.04"
+    );
+    assert_eq!(
+        agent.docker_image_for("gpu-on-demand"),
+        "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+    );
+    assert_eq!(
+        agent.init_script.as_ref().unwrap().expose(),
+        "apt-get install -y htop\n"
+    );
+    assert!(agent.extra_clearml_conf.is_some());
+    let git = agent.git.as_ref().unwrap();
+    assert_eq!(git.user, "ci-bot");
+    assert_eq!(git.password.expose(), "git-token-never-printed");
+    assert_eq!(
+        agent.task_env["AWS_ACCESS_KEY_ID"].expose(),
+        "AKIATASKS0000000"
+    );
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("git-token-never-printed"), "{debug}");
+    assert!(!debug.contains("AKIATASKS0000000"), "{debug}");
+}
+
+#[test]
+fn agent_section_errors_name_keys() {
+    let text = format!(
+        "{VALID}\n[agent]\ndocker_image = \"my image\"\n\
+         init_script = \"echo hi\"\ninit_script_file = \"init.sh\"\n\
+         extra_clearml_conf_file = \"/nonexistent/extra.conf\"\n\
+         git_user = \"ci-bot\"\n\
+         task_env = {{ HOME = \"TASKS_HOME\", 1BAD = \"X\", AWS_SECRET_ACCESS_KEY = \"UNSET_VARIABLE\" }}\n"
+    );
+
+    let problems = problems(&text);
+
+    let image = problem_for(&problems, "agent.docker_image");
+    assert!(image.message.contains("docker image reference"), "{image}");
+    let script = problem_for(&problems, "agent.init_script_file");
+    assert!(script.message.contains("not both"), "{script}");
+    let conf = problem_for(&problems, "agent.extra_clearml_conf_file");
+    assert_eq!(conf.value, "/nonexistent/extra.conf");
+    let git = problem_for(&problems, "agent.git_password_env");
+    assert!(git.message.contains("needs a password"), "{git}");
+    let home = problem_for(&problems, "agent.task_env.HOME");
+    assert!(home.message.contains("sets HOME"), "{home}");
+    let name = problem_for(&problems, "agent.task_env.1BAD");
+    assert!(name.message.contains("not a variable name"), "{name}");
+    let unset = problem_for(&problems, "agent.task_env.AWS_SECRET_ACCESS_KEY");
+    assert!(
+        unset.message.contains("UNSET_VARIABLE is not set"),
+        "{unset}"
     );
 }

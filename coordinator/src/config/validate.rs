@@ -29,10 +29,15 @@ use crate::providers::local::{LOCAL_INSTANCE_TYPE, LOCAL_ZONE, LocalConfig};
 const LOCAL_PRICE_KEY: &str = "local";
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {
-    fn add(&mut self, key: impl Into<String>, value: impl ToString, message: impl Into<String>) {
+    pub(super) fn add(
+        &mut self,
+        key: impl Into<String>,
+        value: impl ToString,
+        message: impl Into<String>,
+    ) {
         self.0.push(Problem {
             key: key.into(),
             value: value.to_string(),
@@ -76,6 +81,7 @@ pub(super) fn check(
         .as_ref()
         .map(|section| build_aws(section, file, &resources, &mut problems));
     check_provider_sections(file, &mut problems);
+    let agent = super::agent::check_agent(file, base_dir, env, &mut problems);
     let agent_template = file
         .local
         .as_ref()
@@ -155,6 +161,7 @@ pub(super) fn check(
         api,
         aws: aws.flatten(),
         local,
+        agent,
     })
 }
 
@@ -374,7 +381,7 @@ fn check_clearml(
     })
 }
 
-fn read_secret_env(
+pub(super) fn read_secret_env(
     key: &str,
     var: &str,
     env: &dyn Environment,
@@ -393,7 +400,7 @@ fn read_secret_env(
     }
 }
 
-fn read_secret_file(
+pub(super) fn read_secret_file(
     key: &str,
     path: &Path,
     base_dir: &Path,
@@ -1148,7 +1155,7 @@ fn is_http_url(text: &str) -> bool {
     }
 }
 
-fn resolve(path: &Path, base_dir: &Path) -> PathBuf {
+pub(super) fn resolve(path: &Path, base_dir: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {

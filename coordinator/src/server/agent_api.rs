@@ -79,6 +79,29 @@ impl AgentApi {
                 drain_grace_seconds: config.drain_grace.as_secs() as u32,
                 termination_retry_seconds: termination_retry_seconds(config),
             }),
+            docker_image: config.agent.docker_image_for(&record.resource).to_owned(),
+            git: config.agent.git.as_ref().map(|git| v1::GitCredentials {
+                user: git.user.clone(),
+                password: git.password.expose().to_owned(),
+            }),
+            storage_env: config
+                .agent
+                .task_env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.expose().to_owned()))
+                .collect(),
+            extra_clearml_conf: config
+                .agent
+                .extra_clearml_conf
+                .as_ref()
+                .map(|text| text.expose().to_owned())
+                .unwrap_or_default(),
+            init_script: config
+                .agent
+                .init_script
+                .as_ref()
+                .map(|text| text.expose().to_owned())
+                .unwrap_or_default(),
             ..Default::default()
         }
     }
