@@ -56,12 +56,46 @@ fn render(gate_url: &str, config: &AgentConfig) -> String {
     text.push_str("  }\n}\n");
     text.push_str("agent {\n");
     text.push_str(&format!("  worker_id: {}\n", quote(&config.worker_id)));
+    if needs_host_network(gate_url, config) {
+        // NOTE: untested here (no Docker engine on the test machines). A task container on docker's default
+        // bridge network cannot reach the gate on the host's loopback address; host networking can.
+        text.push_str("  extra_docker_arguments: [\"--network=host\"]\n");
+    }
     if !git.user.is_empty() {
         text.push_str(&format!("  git_user: {}\n", quote(&git.user)));
         text.push_str(&format!("  git_pass: {}\n", quote(&git.password)));
     }
     text.push_str("}\n");
     text
+}
+
+/// Returns whether clearml-agent runs tasks in docker while the gate listens on a loopback address, so the
+/// task containers need the host's network to reach it.
+fn gate_is_loopback_for_docker(gate_url: &str, config: &AgentConfig) -> bool {
+    let loopback = url::Url::parse(gate_url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .is_some_and(|host| host == "localhost" || host.starts_with("127.") || host == "[::1]");
+    !config.docker_image.is_empty() && loopback
+}
+
+/// Returns whether the node agent adds `--network=host` to clearml-agent's docker arguments. It does not when
+/// the extra clearml.conf text sets `extra_docker_arguments`, which a later value would replace.
+fn needs_host_network(gate_url: &str, config: &AgentConfig) -> bool {
+    gate_is_loopback_for_docker(gate_url, config)
+        && !config.extra_clearml_conf.contains("extra_docker_arguments")
+}
+
+/// Returns a warning when task containers may not reach the gate: docker mode, a loopback gate, and docker
+/// arguments from the coordinator's extra text, which the node agent leaves alone.
+pub fn docker_network_warning(gate_url: &str, config: &AgentConfig) -> Option<String> {
+    (gate_is_loopback_for_docker(gate_url, config) && !needs_host_network(gate_url, config)).then(|| {
+        format!(
+            "tasks run in docker and the gate listens on {gate_url}, but the coordinator's extra clearml.conf \
+             sets agent.extra_docker_arguments, so the node agent does not add --network=host; include it \
+             there, or set agent.gate_listen to an address the containers reach"
+        )
+    })
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
@@ -123,6 +157,34 @@ mod tests {
         let gate = text.find("api_server: \"http://127.0.0.1:4000\"").unwrap();
         assert!(extra < gate, "{text}");
         assert!(text.contains("sdk.aws.s3.region"), "{text}");
+    }
+
+    #[test]
+    fn docker_mode_uses_host_network_for_loopback_gate() {
+        let mut config = AgentConfig {
+            docker_image: "nvidia/cuda:12.4.1-runtime-ubuntu22.04".to_owned(),
+            ..AgentConfig::default()
+        };
+
+        let loopback = render("http://127.0.0.1:4000", &config);
+        let bridge = render("http://172.17.0.1:4000", &config);
+        config.extra_clearml_conf = "agent.extra_docker_arguments: [\"--ipc=host\"]".to_owned();
+        let operator_set = render("http://127.0.0.1:4000", &config);
+
+        assert!(
+            loopback.contains("extra_docker_arguments: [\"--network=host\"]"),
+            "{loopback}"
+        );
+        assert!(!bridge.contains("--network=host"), "{bridge}");
+        assert!(!operator_set.contains("--network=host"), "{operator_set}");
+        assert!(docker_network_warning("http://127.0.0.1:4000", &config).is_some());
+    }
+
+    #[test]
+    fn virtualenv_mode_keeps_docker_arguments_unset() {
+        let text = render("http://127.0.0.1:4000", &AgentConfig::default());
+
+        assert!(!text.contains("extra_docker_arguments"), "{text}");
     }
 
     #[test]

@@ -139,6 +139,11 @@ pub async fn run(config: Config, mut sigterm: mpsc::Receiver<()>) -> Result<Exit
             }
         })?;
 
+    if let Some(warning) =
+        crate::clearml_conf::docker_network_warning(&gate_server.url(), &registered)
+    {
+        tracing::warn!("{warning}");
+    }
     let conf_path = crate::clearml_conf::write(state_dir, &gate_server.url(), &registered)?;
     let home = config
         .clearml_agent
