@@ -31,6 +31,7 @@ fn check_config(file: &Path) -> Output {
     coordinator(&["check-config".as_ref(), file.as_os_str()])
         .env("CLEARML_API_ACCESS_KEY", "example-access")
         .env("CLEARML_API_SECRET_KEY", "example-secret")
+        .env("FLEET_GIT_PASSWORD", "example-git-token")
         .output()
         .expect("fleet-coordinator runs")
 }
@@ -45,11 +46,15 @@ fn imported_fixture_passes_check_config_once_placeholders_are_set() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(
-        stderr.contains("not carried over: configurations.extra_vm_bash_script"),
+        stderr.contains("warning: configurations.extra_vm_bash_script: became agent.init_script"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("not carried over: hyper_params.default_docker_image"),
+        stderr.contains("warning: hyper_params.default_docker_image: became agent.docker_image"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("not carried over: hyper_params.git_pass"),
         "{stderr}"
     );
 

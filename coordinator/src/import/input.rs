@@ -123,7 +123,21 @@ pub(super) struct Autoscaler {
     pub queues: Vec<Queue>,
     /// Whether the input had AWS access keys, which the coordinator must now get from its environment.
     pub had_aws_keys: bool,
+    pub agent: AgentExtras,
 }
+
+/// Settings of the output's `[agent]` table.
+#[derive(Debug, Clone, Default)]
+pub(super) struct AgentExtras {
+    pub docker_image: Option<String>,
+    pub init_script: Option<String>,
+    pub extra_clearml_conf: Option<String>,
+    /// Git user; its password is never copied, and the output names the variable to set instead.
+    pub git_user: Option<String>,
+}
+
+/// Variable the output's `agent.git_password_env` names, for the Git token the input held.
+pub(super) const GIT_PASSWORD_ENV: &str = "FLEET_GIT_PASSWORD";
 
 /// ClearML server URLs found in `extra_clearml_conf`.
 #[derive(Debug, Clone, Default)]
@@ -363,7 +377,7 @@ pub(super) fn read(value: &Value, report: &mut Report) -> Option<Autoscaler> {
 
     let before = report.problems.len();
     let settings = read_hyper_params(&hyper, report);
-    let servers = read_extra_texts(&configurations, report);
+    let (servers, init_script, extra_clearml_conf) = read_extra_texts(&configurations, report);
     let mut resources = read_resources(&configurations, &settings, report);
     let queues = read_queues(&configurations, &mut resources, report);
     let region = region(&hyper, settings.region.clone(), &resources, report);
@@ -380,6 +394,12 @@ pub(super) fn read(value: &Value, report: &mut Report) -> Option<Autoscaler> {
         resources,
         queues,
         had_aws_keys: settings.had_aws_keys,
+        agent: AgentExtras {
+            docker_image: settings.docker_image,
+            init_script,
+            extra_clearml_conf,
+            git_user: settings.git_user,
+        },
     })
 }
 
@@ -392,6 +412,8 @@ struct HyperParams {
     instance_profile: Option<InstanceProfile>,
     tags: Vec<(String, String)>,
     had_aws_keys: bool,
+    docker_image: Option<String>,
+    git_user: Option<String>,
 }
 
 fn read_hyper_params(hyper: &Table, report: &mut Report) -> HyperParams {
@@ -447,24 +469,48 @@ fn read_hyper_params(hyper: &Table, report: &mut Report) -> HyperParams {
         (None, None) => None,
     };
 
-    let git_user = hyper.string("git_user", report).is_some();
+    let git_user = hyper
+        .string("git_user", report)
+        .filter(|user| !user.trim().is_empty());
     let git_pass = hyper.has_secret("git_pass");
-    if git_user || git_pass {
-        report.not_carried_over(
-            "hyper_params.git_user, hyper_params.git_pass",
-            "Git credentials are never copied, and the coordinator does not hand Git credentials to the agents \
-             yet; set CLEARML_AGENT_GIT_USER and CLEARML_AGENT_GIT_PASS in the node agent's service environment \
-             on the image (clearml-agent inherits it), or give the image an SSH key for the repositories",
-        );
-    }
-    if let Some(image) = hyper.string("default_docker_image", report) {
-        report.not_carried_over(
+    let git_user = match (git_user, git_pass) {
+        (Some(user), true) => {
+            report.not_carried_over(
+                hyper.key("git_pass"),
+                format!(
+                    "the Git password or token is never copied; export it as {GIT_PASSWORD_ENV} where the \
+                     coordinator runs (agent.git_password_env), which hands it to the agents at registration"
+                ),
+            );
+            Some(user)
+        }
+        (Some(_), false) => {
+            report.not_carried_over(
+                hyper.key("git_user"),
+                "a Git user without git_pass cannot authenticate; set agent.git_user with agent.git_password_env, \
+                 or give the image an SSH key for the repositories",
+            );
+            None
+        }
+        (None, true) => {
+            report.not_carried_over(
+                hyper.key("git_pass"),
+                "a Git password without git_user is never copied; set agent.git_user and \
+                 agent.git_password_env",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    let docker_image = hyper
+        .string("default_docker_image", report)
+        .filter(|image| !image.trim().is_empty());
+    if docker_image.is_some() {
+        report.warning(
             hyper.key("default_docker_image"),
-            format!(
-                "the coordinator does not send a default docker image yet, so clearml-agent runs without \
-                 --docker (virtualenv mode); bake what the tasks need into the AMI, or keep {image:?} in mind \
-                 for when the coordinator supports it"
-            ),
+            "became agent.docker_image, so clearml-agent runs tasks with --docker: the image needs a Docker \
+             engine, and the containers must reach the node agent's gate (agent.gate_listen, \
+             docs/node-agent.md); remove the key to run tasks in virtualenvs",
         );
     }
     if let Some(prefix) = hyper.string("workers_prefix", report) {
@@ -529,6 +575,8 @@ fn read_hyper_params(hyper: &Table, report: &mut Report) -> HyperParams {
         instance_profile,
         tags,
         had_aws_keys,
+        docker_image,
+        git_user,
     }
 }
 
@@ -603,41 +651,65 @@ fn read_tags(table: &Table, report: &mut Report) -> Vec<(String, String)> {
     tags
 }
 
-/// Reads the free-text settings, which cannot carry over, and the server URLs in `extra_clearml_conf`.
-fn read_extra_texts(configurations: &Table, report: &mut Report) -> Servers {
+/// Reads the free-text settings: the VM script becomes the agents' init script, and `extra_clearml_conf`
+/// gives the server URLs and, when it contains no credentials, the agents' extra clearml.conf text.
+fn read_extra_texts(
+    configurations: &Table,
+    report: &mut Report,
+) -> (Servers, Option<String>, Option<String>) {
     configurations.unknown_keys(CONFIGURATIONS_KEYS, report);
 
-    if configurations
+    let init_script = configurations
         .string("extra_vm_bash_script", report)
-        .is_some()
-    {
-        report.not_carried_over(
+        .filter(|script| !script.trim().is_empty());
+    if init_script.is_some() {
+        report.warning(
             configurations.key("extra_vm_bash_script"),
-            "clearml-fleet does not run a script before clearml-agent yet; run these commands from each \
-             resource's user_data_template_file (cloud-init user data) or bake them into the AMI",
+            "became agent.init_script, which the node agent runs with sh as its own user (clearml-fleet-agent in \
+             the systemd unit) before clearml-agent starts; the ClearML autoscaler ran it as root from the user \
+             data, so move commands that need root (apt-get, sudo) into the AMI or the resource's \
+             user_data_template_file",
         );
     }
     if configurations.string("extra_trains_conf", report).is_some() {
         report.not_carried_over(
             configurations.key("extra_trains_conf"),
             "the ClearML autoscaler ignores it too (cloud_driver.py reads only extra_clearml_conf); move what \
-             it needs to extra_clearml_conf's replacement, see that note",
+             it needs to agent.extra_clearml_conf",
         );
     }
-    let Some(text) = configurations.string("extra_clearml_conf", report) else {
-        return Servers::default();
+    let Some(text) = configurations
+        .string("extra_clearml_conf", report)
+        .filter(|text| !text.trim().is_empty())
+    else {
+        return (Servers::default(), init_script, None);
     };
-    report.not_carried_over(
-        configurations.key("extra_clearml_conf"),
-        "the node agent writes clearml.conf itself and cannot append text to it yet; set what this text \
-         configures through clearml-agent's environment variables on the image (the node agent's \
-         [clearml_agent.env], which must not hold secrets)",
-    );
-    scan_clearml_conf(&text, &configurations.key("extra_clearml_conf"), report)
+    let key = configurations.key("extra_clearml_conf");
+    let servers = scan_clearml_conf(&text, &key, report);
+    let extra = if has_credentials(&text) {
+        report.not_carried_over(
+            format!("{key} (credentials)"),
+            "the text holds credentials, which are never copied, so none of it was carried over; set \
+             CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY in the coordinator's environment, and put the \
+             rest of the text in a file only the coordinator can read (agent.extra_clearml_conf_file)",
+        );
+        None
+    } else {
+        Some(text)
+    };
+    (servers, init_script, extra)
+}
+
+/// Returns whether clearml.conf text sets a credential, whose value must not be copied.
+fn has_credentials(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    ["access_key", "secret", "git_pass", "token", "password"]
+        .iter()
+        .any(|word| text.contains(word))
 }
 
 /// Finds `api_server`, `web_server` and `files_server` lines (`key: value` or `key = value`, also dotted as
-/// `api.api_server`) and notes credentials, whose values are never read into a message.
+/// `api.api_server`).
 fn scan_clearml_conf(text: &str, key: &str, report: &mut Report) -> Servers {
     let mut servers = Servers::default();
     for line in text.lines() {
@@ -669,13 +741,6 @@ fn scan_clearml_conf(text: &str, key: &str, report: &mut Report) -> Servers {
             key,
             "clearml.api_server (and any web or files server) was taken from this text; the ClearML autoscaler \
              itself used the server of its own clearml.conf, so check that it is the same",
-        );
-    }
-    if text.contains("access_key") || text.contains("secret_key") {
-        report.not_carried_over(
-            format!("{key} (credentials)"),
-            "ClearML API credentials are never copied; set CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY \
-             in the coordinator's environment, which hands them to the agents at registration",
         );
     }
     servers

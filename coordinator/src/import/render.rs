@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::input::{Autoscaler, InstanceProfile, Resource};
+use super::input::{AgentExtras, Autoscaler, GIT_PASSWORD_ENV, InstanceProfile, Resource};
 use super::{ImportOptions, Note, NoteKind};
 
 /// `clearml.api_server` when the input names no server. The `.invalid` top-level domain never resolves
@@ -17,6 +17,7 @@ pub(super) fn render(autoscaler: &Autoscaler, options: &ImportOptions, notes: &[
     let mut out = String::new();
     write_header(&mut out, autoscaler, options, notes);
     write_cluster(&mut out, autoscaler, options);
+    write_agent(&mut out, &autoscaler.agent);
     for resource in &autoscaler.resources {
         write_resource(&mut out, resource);
     }
@@ -52,6 +53,15 @@ fn write_header(
             "",
             "The input had AWS keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for \
              temporary keys) where the coordinator runs, or give its machine an IAM role.",
+        );
+    }
+    if autoscaler.agent.git_user.is_some() {
+        comment(
+            out,
+            "",
+            &format!(
+                "The input had a Git password or token: set {GIT_PASSWORD_ENV} to it where the coordinator runs."
+            ),
         );
     }
     out.push_str("#\n");
@@ -180,6 +190,47 @@ fn write_cluster(out: &mut String, autoscaler: &Autoscaler, options: &ImportOpti
         "Credentials come from the AWS SDK's default chain: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a \
          profile, or the machine's IAM role.",
     );
+    out.push('\n');
+}
+
+fn write_agent(out: &mut String, agent: &AgentExtras) {
+    if agent.docker_image.is_none()
+        && agent.init_script.is_none()
+        && agent.extra_clearml_conf.is_none()
+        && agent.git_user.is_none()
+    {
+        return;
+    }
+    out.push_str("[agent]\n");
+    if let Some(image) = &agent.docker_image {
+        out.push_str("# From default_docker_image.\n");
+        let _ = writeln!(out, "docker_image = {}", quote(image));
+    }
+    if let Some(script) = &agent.init_script {
+        comment(
+            out,
+            "",
+            "From extra_vm_bash_script. The node agent runs it with sh as its own user before clearml-agent \
+             starts.",
+        );
+        let _ = writeln!(out, "init_script = {}", multiline(script));
+    }
+    if let Some(text) = &agent.extra_clearml_conf {
+        comment(
+            out,
+            "",
+            "From extra_clearml_conf. The node agent writes it before its own settings, so the gate's address, \
+             the credentials and the worker id are the node agent's.",
+        );
+        let _ = writeln!(out, "extra_clearml_conf = {}", multiline(text));
+    }
+    if let Some(user) = &agent.git_user {
+        out.push_str(
+            "# From git_user. The token is never copied: export it in the variable below.\n",
+        );
+        let _ = writeln!(out, "git_user = {}", quote(user));
+        let _ = writeln!(out, "git_password_env = {}", quote(GIT_PASSWORD_ENV));
+    }
     out.push('\n');
 }
 
@@ -332,6 +383,20 @@ fn list(items: &[String]) -> String {
         .map(|item| quote(item))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Writes `text` as a TOML multi-line literal string when it can be one, else as a basic string.
+fn multiline(text: &str) -> String {
+    let literal = !text.contains("'''")
+        && !text.ends_with('\'')
+        && text
+            .chars()
+            .all(|c| c == '\n' || c == '\t' || !c.is_control());
+    if literal {
+        format!("'''\n{text}'''")
+    } else {
+        quote(text)
+    }
 }
 
 /// Quotes `text` as a TOML basic string.

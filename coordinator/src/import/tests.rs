@@ -52,6 +52,7 @@ fn checked(converted: &Converted) -> config::Config {
     let env = TestEnvironment(BTreeMap::from([
         ("CLEARML_API_ACCESS_KEY", "access"),
         ("CLEARML_API_SECRET_KEY", "secret"),
+        ("FLEET_GIT_PASSWORD", "git-token"),
     ]));
     let filled = converted
         .toml
@@ -186,7 +187,7 @@ fn secrets_never_reach_output_or_notes() {
         assert!(!notes.contains(secret), "{secret} in the notes");
     }
     assert!(notes.contains("AWS_SECRET_ACCESS_KEY"), "{notes}");
-    assert!(notes.contains("CLEARML_AGENT_GIT_PASS"), "{notes}");
+    assert!(notes.contains("FLEET_GIT_PASSWORD"), "{notes}");
 }
 
 #[test]
@@ -195,9 +196,7 @@ fn dropped_settings_are_listed() {
 
     let dropped = note_keys(&converted, NoteKind::NotCarriedOver);
     for key in [
-        "configurations.extra_vm_bash_script",
-        "hyper_params.default_docker_image",
-        "hyper_params.git_user, hyper_params.git_pass",
+        "hyper_params.git_pass",
         "hyper_params.workers_prefix",
         "hyper_params.cloud_credentials_secret",
     ] {
@@ -210,6 +209,44 @@ fn dropped_settings_are_listed() {
             "{key} not in the TOML's comments"
         );
     }
+}
+
+#[test]
+fn agent_settings_carry_over() {
+    let converted = convert_value(&fixture()).unwrap();
+
+    let config = checked(&converted);
+
+    let agent = &config.agent;
+    assert_eq!(
+        agent.docker_image_for("aws4gpu"),
+        "nvidia/cuda:10.1-runtime-ubuntu18.04"
+    );
+    assert_eq!(
+        agent.init_script.as_ref().unwrap().expose(),
+        "sudo apt-get install -y htop\necho 'vm ready'"
+    );
+    let git = agent.git.as_ref().unwrap();
+    assert_eq!(git.user, "ml-bot");
+    assert_eq!(git.password.expose(), "git-token");
+    let warned = note_keys(&converted, NoteKind::Warning);
+    assert!(warned.contains(&"configurations.extra_vm_bash_script".to_owned()));
+    assert!(warned.contains(&"hyper_params.default_docker_image".to_owned()));
+}
+
+#[test]
+fn extra_clearml_conf_without_credentials_carries_over() {
+    let mut value = fixture();
+    value["configurations"]["extra_clearml_conf"] = json!(
+        "sdk.development.default_output_uri: \"s3://models/out\"\nagent.venvs_cache.max_entries: 5\n"
+    );
+
+    let config = checked(&convert_value(&value).unwrap());
+
+    assert_eq!(
+        config.agent.extra_clearml_conf.as_ref().unwrap().expose(),
+        "sdk.development.default_output_uri: \"s3://models/out\"\nagent.venvs_cache.max_entries: 5"
+    );
 }
 
 #[test]
@@ -281,6 +318,7 @@ fn clearml_conf_servers_carry_over() {
     assert_eq!(config.clearml.web_server, "https://app.ml.example.com");
     assert_eq!(config.clearml.files_server, "https://files.ml.example.com");
     assert!(!converted.toml.contains("conf-secret-77aa"));
+    assert!(config.agent.extra_clearml_conf.is_none());
     let dropped = note_keys(&converted, NoteKind::NotCarriedOver);
     assert!(dropped.contains(&"configurations.extra_clearml_conf (credentials)".to_owned()));
 }
