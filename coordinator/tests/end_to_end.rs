@@ -19,6 +19,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
+/// File the coordinator's init script writes into clearml-agent's home, and the value it writes.
+const INIT_SCRIPT_OUTPUT: &str = "init-script-ran";
+const TASK_ENV_VALUE: &str = "task-env-reached-the-node";
 const TASKS: usize = 4;
 /// The line `tests/python/hello_task.py` prints once per run.
 const TASK_MARKER: &str = "fleet-conformance-task-ran";
@@ -162,6 +165,13 @@ async fn fleet_runs_tasks_once_and_scales_to_zero() {
         heartbeat_timeout_seconds: 10,
         orphan_grace_seconds: 60,
         max_instances: 4,
+        // The [agent] table travels through the registration: the init script writes the task variable,
+        // whose value the coordinator read from its own environment.
+        extra_toml: format!(
+            "[agent]\ninit_script = '''\nprintf '%s' \"$FLEET_E2E_MARK\" > {INIT_SCRIPT_OUTPUT}\n'''\n\
+             task_env = {{ FLEET_E2E_MARK = \"FLEET_E2E_TASK_MARK\" }}\n"
+        ),
+        env: BTreeMap::from([("FLEET_E2E_TASK_MARK".to_owned(), TASK_ENV_VALUE.to_owned())]),
         ..ClusterOptions::default()
     };
     let mut cluster = CoordinatorCluster::start("e2e", BINARY, options)
@@ -299,6 +309,13 @@ async fn fleet_runs_tasks_once_and_scales_to_zero() {
             .filter(|line| line.contains(TASK_MARKER))
             .count();
         assert_eq!(runs, 1, "task {id} ran {runs} times");
+    }
+    // Every node agent ran the coordinator's init script with the coordinator's task variable.
+    for id in &launched {
+        let output = dir.join(id).join("state/home").join(INIT_SCRIPT_OUTPUT);
+        let written = std::fs::read_to_string(&output)
+            .unwrap_or_else(|err| panic!("{}: {err}", output.display()));
+        assert_eq!(written, TASK_ENV_VALUE, "instance {id}");
     }
     // No instance left running, and no launch beyond one instance per task.
     assert!(cluster.live_instances().await.unwrap().is_empty());
