@@ -259,6 +259,29 @@ async fn api_rejects_bad_requests() {
         .unwrap();
     let intent = tags.get("fleet:intent-id").unwrap();
     let token = AgentKeys::new(Secret::new(BOOTSTRAP_KEY)).bootstrap_token(intent);
+
+    // The follower reports the waiting task too, from the counts the leader stores.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let queue = follower_client
+            .list_queues(with_token(ListQueuesRequest {}, VIEWER_TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .queues
+            .remove(0);
+        if queue.tasks_waiting == 1 && queue.tasks_waiting_observed_ms > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower reports {} waiting task(s), observed at {} ms\n{}",
+            queue.tasks_waiting,
+            queue.tasks_waiting_observed_ms,
+            cluster.logs(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut agents = agent_client(&cluster, leader).await;
     let register = |bootstrap_token: &str| RegisterRequest {
         instance_id: instance_id.clone(),

@@ -10,12 +10,14 @@ use tokio::sync::broadcast;
 use super::core::{FleetCore, now_ms};
 use super::supervisor::stops_on_shutdown;
 use crate::providers::ProviderEvent;
-use crate::store::{BackoffRecord, InstanceState};
+use crate::store::{BackoffRecord, InstanceState, QueueDepths};
 
 /// How often metrics are refreshed and records pruned.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How long terminated records stay, for `fleetctl` and the reconciler.
 const TERMINATED_RETENTION: Duration = Duration::from_secs(3600);
+/// Age after which unchanged waiting-task counts are stored again, so followers can tell they are current.
+const QUEUE_DEPTHS_REFRESH: Duration = Duration::from_secs(30);
 
 pub struct RegistryActor {
     core: Arc<FleetCore>,
@@ -54,6 +56,18 @@ impl Actor for RegistryActor {
                             .await
                         {
                             tracing::debug!(error = %err, "pruning records failed");
+                        }
+                        if let Some(observation) = core.latest_observation() {
+                            let depths = QueueDepths {
+                                observed_ms: observation.taken_at.as_millis() as u64,
+                                waiting: observation.waiting.clone(),
+                            };
+                            if let Err(err) = registry
+                                .put_queue_depths(depths, QUEUE_DEPTHS_REFRESH.as_millis() as u64)
+                                .await
+                            {
+                                tracing::debug!(error = %err, "storing the waiting-task counts failed");
+                            }
                         }
                     }
                 }

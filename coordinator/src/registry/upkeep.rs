@@ -2,7 +2,7 @@
 //! log, and the pruning of old terminated records.
 
 use super::{Registry, RegistryError};
-use crate::store::{BackoffRecord, Change, InstanceState, RuntimeOverrides};
+use crate::store::{BackoffRecord, Change, InstanceState, QueueDepths, RuntimeOverrides};
 
 /// Maximum of records one prune removes, below the store's limit of changes per transaction.
 const MAX_PRUNED_PER_CALL: usize = 50;
@@ -70,6 +70,23 @@ impl Registry {
         let event = self.event("queue.override", now_ms, Some(queue), None, None, message);
         self.commit(vec![Change::PutOverrides(overrides), event])
             .await
+    }
+
+    /// Stores the leader's latest waiting-task counts, for followers to report, when they changed or the stored
+    /// ones are older than `refresh_ms`. Returns whether it wrote.
+    pub async fn put_queue_depths(
+        &mut self,
+        depths: QueueDepths,
+        refresh_ms: u64,
+    ) -> Result<bool, RegistryError> {
+        let stored = &self.state().queue_depths;
+        if stored.waiting == depths.waiting
+            && depths.observed_ms.saturating_sub(stored.observed_ms) < refresh_ms
+        {
+            return Ok(false);
+        }
+        self.commit(vec![Change::PutQueueDepths(depths)]).await?;
+        Ok(true)
     }
 
     /// Appends an event that records no state change, such as a decision held by a limit.
@@ -182,5 +199,44 @@ mod tests {
 
         assert!(registry.find("intent-1/0").is_none());
         assert!(registry.find("intent-2/0").is_some());
+    }
+
+    #[tokio::test]
+    async fn queue_depths_written_on_change_or_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut registry = registry(&dir).await;
+        let depths = |observed_ms: u64, waiting: u32| QueueDepths {
+            observed_ms,
+            waiting: [("gpu".to_owned(), waiting)].into(),
+        };
+
+        assert!(
+            registry
+                .put_queue_depths(depths(1_000, 3), 30_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !registry
+                .put_queue_depths(depths(5_000, 3), 30_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            registry
+                .put_queue_depths(depths(6_000, 4), 30_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            registry
+                .put_queue_depths(depths(36_000, 4), 30_000)
+                .await
+                .unwrap()
+        );
+
+        // A new registry over the same file, as a follower would load it, reads the last write.
+        let reloaded = super::tests::registry(&dir).await;
+        assert_eq!(reloaded.state().queue_depths, depths(36_000, 4));
     }
 }

@@ -68,7 +68,8 @@ impl FleetApi {
             .join(", ")
     }
 
-    fn queue_status(&self, state: &State, queue: &str, waiting: Option<u32>) -> v1::QueueStatus {
+    fn queue_status(&self, state: &State, queue: &str) -> v1::QueueStatus {
+        let waiting = self.waiting(state, queue);
         let config = self.node.config.policy.queue(queue);
         let overrides = state.overrides.queue_limits.get(queue);
         let mut instances = BTreeMap::new();
@@ -96,13 +97,14 @@ impl FleetApi {
             .and_then(|limits| limits.min_idle)
             .or(config.map(|config| config.min_idle))
             .unwrap_or(0);
-        let waiting_now = waiting.unwrap_or(0);
+        let (waiting_now, observed_ms) = waiting.unwrap_or((0, 0));
         let desired = (busy + waiting_now + min_idle)
             .max(min_instances)
             .min(max_instances);
         v1::QueueStatus {
             name: queue.to_owned(),
             tasks_waiting: waiting_now,
+            tasks_waiting_observed_ms: observed_ms,
             instances: instances.into_iter().collect(),
             desired,
             paused: state.overrides.paused_queues.contains(queue),
@@ -117,10 +119,24 @@ impl FleetApi {
         }
     }
 
-    fn waiting(&self, queue: &str) -> Option<u32> {
-        let fleet = self.node.fleet()?;
-        let observation = fleet.core.latest_observation()?;
-        Some(observation.waiting(queue))
+    /// Returns the queue's waiting tasks and when ClearML was polled for them: the leader's own latest poll, or
+    /// on a follower the counts the leader stored. `None` before any poll.
+    fn waiting(&self, state: &State, queue: &str) -> Option<(u32, u64)> {
+        if let Some(fleet) = self.node.fleet()
+            && let Some(observation) = fleet.core.latest_observation()
+        {
+            return Some((
+                observation.waiting(queue),
+                observation.taken_at.as_millis() as u64,
+            ));
+        }
+        let depths = &state.queue_depths;
+        (depths.observed_ms > 0).then(|| {
+            (
+                depths.waiting.get(queue).copied().unwrap_or(0),
+                depths.observed_ms,
+            )
+        })
     }
 
     async fn change_overrides(
@@ -139,7 +155,7 @@ impl FleetApi {
             .map_err(registry_status)?;
         let state = registry.state().clone();
         drop(registry);
-        Ok(self.queue_status(&state, queue, self.waiting(queue)))
+        Ok(self.queue_status(&state, queue))
     }
 }
 
@@ -193,7 +209,7 @@ impl FleetService for FleetApi {
             .policy
             .queues
             .iter()
-            .map(|queue| self.queue_status(&state, &queue.name, self.waiting(&queue.name)))
+            .map(|queue| self.queue_status(&state, &queue.name))
             .collect();
         Ok(Response::new(v1::ListQueuesResponse { queues }))
     }

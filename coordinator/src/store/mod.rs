@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 pub use fenced::{FencedStore, StoreError};
 pub use records::{
     BackoffRecord, Change, Event, InstanceRecord, InstanceState, LaunchIntent, MAX_HISTORY,
-    QueueLimits, RuntimeOverrides, State, TerminationGrant, Transition,
+    QueueDepths, QueueLimits, RuntimeOverrides, State, TerminationGrant, Transition,
 };
 
 use crate::auth::BootstrapRecord;
@@ -133,6 +133,9 @@ impl EtcdStateStore {
                 Change::DeleteBootstrap(intent_id) => {
                     operations.push(TxnOp::delete(self.key("bootstraps", intent_id), None))
                 }
+                Change::PutQueueDepths(depths) => {
+                    operations.push(self.put("queue_depths", "current", depths))
+                }
                 Change::AppendEvent(event) => {
                     let value = serde_json::to_vec(event).expect("records always serialize");
                     operations.push(TxnOp::put(self.event_key(event.sequence), value, None));
@@ -226,6 +229,9 @@ async fn load_from_etcd(pool: &EtcdPool, root: &str) -> Result<State, StateError
                 state.grants.insert(grant.instance_id.clone(), grant);
             }
             "overrides" => state.overrides = serde_json::from_slice(kv.value()).map_err(corrupt)?,
+            "queue_depths" => {
+                state.queue_depths = serde_json::from_slice(kv.value()).map_err(corrupt)?
+            }
             "backoffs" => {
                 let backoff: BackoffRecord = serde_json::from_slice(kv.value()).map_err(corrupt)?;
                 state.backoffs.insert(backoff.offering.clone(), backoff);

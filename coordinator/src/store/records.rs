@@ -129,6 +129,14 @@ pub struct RuntimeOverrides {
     pub queue_limits: BTreeMap<String, QueueLimits>,
 }
 
+/// The leader's latest count of waiting tasks per queue, stored so followers can report it as well.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueDepths {
+    /// When the leader polled ClearML for these counts, in ms since the epoch; 0 before the first poll.
+    pub observed_ms: u64,
+    pub waiting: BTreeMap<String, u32>,
+}
+
 /// Limits that replace the configured ones of a queue; `None` keeps the configured value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueLimits {
@@ -171,6 +179,8 @@ pub struct State {
     /// Bootstrap token digests of launches whose instances may still register, keyed by intent id.
     #[serde(default)]
     pub bootstraps: BTreeMap<String, BootstrapRecord>,
+    #[serde(default)]
+    pub queue_depths: QueueDepths,
     /// The newest events, oldest first.
     pub events: Vec<Event>,
 }
@@ -199,6 +209,7 @@ pub enum Change {
     DeleteBootstrap(String),
     /// Appends an event; the store drops the oldest beyond its event limit.
     AppendEvent(Event),
+    PutQueueDepths(QueueDepths),
 }
 
 impl State {
@@ -239,6 +250,7 @@ impl State {
                 Change::DeleteBootstrap(intent_id) => {
                     self.bootstraps.remove(intent_id);
                 }
+                Change::PutQueueDepths(depths) => self.queue_depths = depths.clone(),
                 Change::AppendEvent(event) => {
                     self.events.push(event.clone());
                     if self.events.len() > max_events {

@@ -82,6 +82,7 @@ pub fn queue_json(queue: &v1::QueueStatus) -> Value {
     json!({
         "name": queue.name,
         "tasks_waiting": queue.tasks_waiting,
+        "tasks_waiting_observed_ms": queue.tasks_waiting_observed_ms,
         "instances": queue.instances,
         "desired": queue.desired,
         "paused": queue.paused,
@@ -124,7 +125,12 @@ pub fn queues_table(queues: &[v1::QueueStatus]) -> String {
             |value: Option<u32>| value.map(|value| value.to_string()).unwrap_or_default();
         table.push(vec![
             queue.name.clone(),
-            queue.tasks_waiting.to_string(),
+            // No poll yet: an unknown count, not zero.
+            if queue.tasks_waiting_observed_ms == 0 {
+                "-".to_owned()
+            } else {
+                queue.tasks_waiting.to_string()
+            },
             queue.desired.to_string(),
             instances,
             if queue.paused { "yes" } else { "no" }.to_owned(),
@@ -255,4 +261,33 @@ pub fn dry_run_table(queue: &str, actions: &[v1::PlannedAction]) -> String {
         ]);
     }
     table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_waiting_count_shows_dash() {
+        let unknown = v1::QueueStatus {
+            name: "gpu".to_owned(),
+            ..v1::QueueStatus::default()
+        };
+        let known = v1::QueueStatus {
+            name: "cpu".to_owned(),
+            tasks_waiting: 0,
+            tasks_waiting_observed_ms: 1_700_000_000_000,
+            ..v1::QueueStatus::default()
+        };
+
+        let table = queues_table(&[unknown, known]);
+
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0][..2], ["gpu", "-"], "{table}");
+        assert_eq!(rows[1][..2], ["cpu", "0"], "{table}");
+    }
 }
