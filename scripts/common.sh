@@ -7,17 +7,24 @@ log() { printf '[%s] %s\n' "$script_name" "$*" >&2; }
 fail() { printf '[%s] error: %s\n' "$script_name" "$*" >&2; exit 1; }
 
 # Installs the Debian packages behind the commands that are missing: etcd-server for `etcd`, and
-# protobuf-compiler for `protoc`, which the etcd client's build script runs.
+# protobuf-compiler for `protoc`, which the etcd client's build script runs. The argument is `base`, or
+# `with-checks` for the checkers of the deploy files that the tests also run: yamllint, shellcheck, packer.
 install_system_packages() {
     local packages=()
     command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+    if [ "${1:-}" = with-checks ]; then
+        local tool
+        for tool in yamllint shellcheck packer; do
+            command -v "$tool" >/dev/null 2>&1 || packages+=("$tool")
+        done
+    fi
     if [ ${#packages[@]} -eq 0 ]; then
         log "etcd present: $(etcd --version | head -n1)"
         log "protoc present: $(protoc --version)"
         return
     fi
-    [ -f /etc/debian_version ] || fail "missing ${packages[*]} and this is not Debian; install etcd 3.4+ and protoc so both are on PATH"
+    [ -f /etc/debian_version ] || fail "missing ${packages[*]} and this is not Debian; install them so they are on PATH (etcd 3.4 or newer)"
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         command -v sudo >/dev/null 2>&1 || fail "missing Debian packages ${packages[*]}; run as root or install them"

@@ -14,7 +14,7 @@ script_name=demo.sh
 source "$repo_dir/scripts/common.sh"
 
 command -v cargo >/dev/null 2>&1 || fail "cargo is missing; install Rust 1.94 or newer with rustup"
-install_system_packages
+install_system_packages base
 install_venv
 
 cd "$repo_dir"
