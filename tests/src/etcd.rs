@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{ChildProcess, HarnessError, TestDir, free_port, wait_until_async};
+use crate::harness::{ChildProcess, HarnessError, TestDir, free_port};
 
 /// Time a new cluster gets to elect a raft leader and report healthy on `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts of a new cluster, each on fresh ports. A free port is released before etcd binds it, so another
+/// process can take it in between; the member then exits and the cluster starts again.
+const START_ATTEMPTS: usize = 3;
 
 /// Raft timing for tests: loopback round trips take microseconds, so short intervals make failover fast
 /// without spurious elections (etcd wants the election timeout at least 5 x the heartbeat).
@@ -37,6 +40,19 @@ impl EtcdCluster {
             (1..=5).contains(&size),
             "an etcd test cluster has 1 to 5 members, not {size}"
         );
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(test, size).await {
+                Err(HarnessError::Exited { name, log, .. }) if attempt < START_ATTEMPTS => {
+                    tracing::warn!(member = %name, attempt, log = %log, "etcd member exited at start; starting the cluster again on fresh ports");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(test: &str, size: usize) -> Result<EtcdCluster, HarnessError> {
         let dir = TestDir::new(&format!("etcd-{test}"))?;
         let members: Vec<EtcdMember> = (0..size)
             .map(|index| {
@@ -170,33 +186,43 @@ impl EtcdCluster {
         Ok(())
     }
 
-    async fn wait_healthy(&self, index: usize, timeout: Duration) -> Result<(), HarnessError> {
+    /// Waits until member `index` reports healthy; fails at once, with its log, if it exits.
+    async fn wait_healthy(&mut self, index: usize, timeout: Duration) -> Result<(), HarnessError> {
         let url = format!("{}/health", self.endpoint(index));
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .no_proxy()
             .build()
             .expect("a plain HTTP client always builds");
-        let what = format!(
-            "etcd {} at {url} to report healthy",
-            self.members[index].name
-        );
-        wait_until_async(timeout, &what, || {
-            let http = http.clone();
-            let url = url.clone();
-            async move {
-                let Ok(response) = http.get(&url).send().await else {
-                    return false;
-                };
-                let Ok(body) = response.text().await else {
-                    return false;
-                };
-                body.contains("\"health\":\"true\"")
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let member = &mut self.members[index];
+            if let Some(process) = member.process.as_mut()
+                && let Some(status) = process.exit_status()
+            {
+                return Err(HarnessError::Exited {
+                    name: format!("etcd {}", member.name),
+                    status: status.to_string(),
+                    log: process.log_tail(20),
+                });
             }
-        })
-        .await
-        .inspect_err(|_| {
-            tracing::error!(member = %self.members[index].name, log = %self.log_tail(index, 20), "etcd member did not become healthy");
-        })
+            if let Ok(response) = http.get(&url).send().await
+                && let Ok(body) = response.text().await
+                && body.contains("\"health\":\"true\"")
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HarnessError::Timeout {
+                    what: format!(
+                        "etcd {} at {url} to report healthy; its last log lines:\n{}",
+                        self.members[index].name,
+                        self.log_tail(index, 20)
+                    ),
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

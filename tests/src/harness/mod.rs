@@ -48,4 +48,11 @@ pub enum HarnessError {
         what: String,
         waited: std::time::Duration,
     },
+
+    #[error("{name} exited ({status}) before it was ready; its last log lines:\n{log}")]
+    Exited {
+        name: String,
+        status: String,
+        log: String,
+    },
 }
