@@ -283,6 +283,17 @@ async fn writes_change_queues_and_instances() {
     );
     assert_eq!(limited["limits"]["max_instances"], 4, "{limited}");
     assert_eq!(limited["limits"]["min_idle"], 1, "{limited}");
+    // A later call changes the limit it names and keeps the others.
+    let raised = json(
+        &standalone
+            .fleetctl(
+                operator,
+                &["limits", "default", "--min-idle", "2", "-o", "json"],
+            )
+            .await,
+    );
+    assert_eq!(raised["limits"]["max_instances"], 4, "{raised}");
+    assert_eq!(raised["limits"]["min_idle"], 2, "{raised}");
     let reset = json(
         &standalone
             .fleetctl(operator, &["limits", "default", "--reset", "-o", "json"])

@@ -425,17 +425,25 @@ impl FleetService for FleetApi {
                      max_idle_seconds, or send reset = true",
                 ));
             }
-            (false, Some(limits)) => Some(self.check_limits(&message.queue, limits)?),
+            (false, Some(limits)) => {
+                // The request changes the limits it names and keeps the queue's other overrides.
+                let state = self.node.read_state().await?;
+                let current = state.overrides.queue_limits.get(&message.queue);
+                let given = self.check_limits(&message.queue, limits, current)?;
+                Some(given)
+            }
         };
         let queue = message.queue.clone();
         let status = self
             .change_overrides(&queue, &who, |overrides| match limits {
-                Some(limits) => {
+                Some(given) => {
+                    let merged = merge_limits(overrides.queue_limits.get(&queue), &given);
                     let text = format!(
-                        "limits of queue {queue} set to {}",
-                        describe_limits(&limits)
+                        "limits of queue {queue} changed: {}; its overrides are now {}",
+                        describe_limits(&given),
+                        describe_limits(&merged)
                     );
-                    overrides.queue_limits.insert(queue.clone(), limits);
+                    overrides.queue_limits.insert(queue.clone(), merged);
                     text
                 }
                 None => {
@@ -463,7 +471,14 @@ impl FleetService for FleetApi {
 }
 
 impl FleetApi {
-    fn check_limits(&self, queue: &str, limits: v1::QueueLimits) -> Result<QueueLimits, Status> {
+    /// Checks the limits a request names, together with the queue's current overrides, and returns the named
+    /// ones.
+    fn check_limits(
+        &self,
+        queue: &str,
+        limits: v1::QueueLimits,
+        current: Option<&QueueLimits>,
+    ) -> Result<QueueLimits, Status> {
         if limits.min_instances.is_none()
             && limits.max_instances.is_none()
             && limits.min_idle.is_none()
@@ -482,19 +497,27 @@ impl FleetApi {
                 "limits.max_instances = {max} is above the cluster's budget.max_instances ({cluster_max})"
             )));
         }
-        let max = limits
+        let given = QueueLimits {
+            min_instances: limits.min_instances,
+            max_instances: limits.max_instances,
+            min_idle: limits.min_idle,
+            max_idle_seconds: limits.max_idle_seconds,
+        };
+        let merged = merge_limits(current, &given);
+        let max = merged
             .max_instances
             .or(configured.map(|queue| queue.max_instances))
             .unwrap_or(cluster_max);
         for (field, value) in [
-            ("limits.min_instances", limits.min_instances),
-            ("limits.min_idle", limits.min_idle),
+            ("limits.min_instances", merged.min_instances),
+            ("limits.min_idle", merged.min_idle),
         ] {
             if let Some(value) = value
                 && value > max
             {
                 return Err(Status::invalid_argument(format!(
-                    "{field} = {value} is above the queue's max_instances ({max})"
+                    "{field} = {value} is above the queue's max_instances ({max}); lower it, or raise \
+                     limits.max_instances in the same request"
                 )));
             }
         }
@@ -505,12 +528,18 @@ impl FleetApi {
                 "limits.max_idle_seconds = {seconds} is out of range; use 10 to 86400"
             )));
         }
-        Ok(QueueLimits {
-            min_instances: limits.min_instances,
-            max_instances: limits.max_instances,
-            min_idle: limits.min_idle,
-            max_idle_seconds: limits.max_idle_seconds,
-        })
+        Ok(given)
+    }
+}
+
+/// Returns `current` with every limit that `given` sets replaced.
+fn merge_limits(current: Option<&QueueLimits>, given: &QueueLimits) -> QueueLimits {
+    let current = current.cloned().unwrap_or_default();
+    QueueLimits {
+        min_instances: given.min_instances.or(current.min_instances),
+        max_instances: given.max_instances.or(current.max_instances),
+        min_idle: given.min_idle.or(current.min_idle),
+        max_idle_seconds: given.max_idle_seconds.or(current.max_idle_seconds),
     }
 }
 
