@@ -64,8 +64,8 @@ fn imported_fixture_passes_check_config_once_placeholders_are_set() {
     assert_eq!(checked.status.code(), Some(1), "{check_stderr}");
     for needle in [
         "clearml.api_server = \"https://clearml-api-server.invalid\": the .invalid domain never resolves",
-        "resources.aws4gpu.hourly_price_usd.g4dn.4xlarge = 0: an EC2 instance is never free",
-        "resources.cpu-large.hourly_price_usd.m5.large = 0",
+        "resources.aws4gpu.hourly_price_usd.\"g4dn.4xlarge\" = 0: an EC2 instance is never free",
+        "resources.cpu-large.hourly_price_usd.\"m5.large\" = 0",
         "resources.aws4gpu.subnets = \"subnet-REPLACE-default-for-us-east-1b\": a placeholder",
     ] {
         assert!(check_stderr.contains(needle), "{needle}\n{check_stderr}");

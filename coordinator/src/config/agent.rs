@@ -251,8 +251,17 @@ fn check_task_env(
             );
             continue;
         }
-        if let Some(value) = read_secret_env(&key, var, env, problems) {
-            values.insert(name.clone(), value);
+        match env.var(var) {
+            Some(value) if !value.trim().is_empty() => {
+                values.insert(name.clone(), Secret::new(value.trim()));
+            }
+            _ => problems.add(
+                &key,
+                format!("{var:?}"),
+                format!(
+                    "environment variable {var} is not set or empty; export the value the tasks get as {name}"
+                ),
+            ),
         }
     }
     values

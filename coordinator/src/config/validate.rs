@@ -344,7 +344,7 @@ fn check_clearml(
                 "clearml.access_key_env",
                 format!("{:?}", section.access_key_env),
                 format!(
-                    "environment variable {} is not set; export the ClearML API access key in it",
+                    "environment variable {} is not set or empty; export the ClearML API access key in it",
                     section.access_key_env
                 ),
             );
@@ -706,7 +706,7 @@ fn check_resources(
         for (price_key, price) in &section.hourly_price_usd {
             if !(price.is_finite() && *price >= 0.0) {
                 problems.add(
-                    format!("{key}.hourly_price_usd.{price_key}"),
+                    format!("{key}.hourly_price_usd.{}", toml_key(price_key)),
                     price,
                     "must be a non-negative number of USD per hour",
                 );
@@ -794,7 +794,7 @@ fn check_aws_resource(
     for (price_key, price) in &section.hourly_price_usd {
         if *price == 0.0 {
             problems.add(
-                format!("{key}.hourly_price_usd.{price_key}"),
+                format!("{key}.hourly_price_usd.{}", toml_key(price_key)),
                 price,
                 "an EC2 instance is never free, and 0.0 is the placeholder import-clearml-config writes; set the \
                  type's hourly price in USD for this resource's market (the budget and the cost metrics use it)",
@@ -807,8 +807,9 @@ fn check_aws_resource(
                 format!("{key}.subnets"),
                 format!("{:?}", subnet.id),
                 format!(
-                    "a placeholder written by import-clearml-config; set the id of a subnet in {} (aws ec2 \
-                     describe-subnets --filters Name=availability-zone,Values={})",
+                    "a placeholder written by import-clearml-config; set the id of the default subnet of {} \
+                     (aws ec2 describe-subnets --filters Name=availability-zone,Values={} \
+                     Name=default-for-az,Values=true)",
                     subnet.zone, subnet.zone
                 ),
             );
@@ -817,7 +818,7 @@ fn check_aws_resource(
     for price_key in section.hourly_price_usd.keys() {
         if !section.instance_types.contains(price_key) {
             problems.add(
-                format!("{key}.hourly_price_usd.{price_key}"),
+                format!("{key}.hourly_price_usd.{}", toml_key(price_key)),
                 "(set)",
                 format!("{price_key} is not in instance_types; remove it or add the type"),
             );
@@ -957,7 +958,7 @@ fn check_local_resource(
     for price_key in section.hourly_price_usd.keys() {
         if price_key != LOCAL_PRICE_KEY {
             problems.add(
-                format!("{key}.hourly_price_usd.{price_key}"),
+                format!("{key}.hourly_price_usd.{}", toml_key(price_key)),
                 "(set)",
                 format!("a local resource has one price, under the key {LOCAL_PRICE_KEY:?}"),
             );
@@ -1134,6 +1135,19 @@ fn check_provider_sections(file: &ConfigFile, problems: &mut Problems) {
                 format!("this provider needs a {section} table"),
             );
         }
+    }
+}
+
+/// Writes a key as TOML reads it: quoted when it is not a bare key, as `"g4dn.xlarge"` is not.
+fn toml_key(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
     }
 }
 

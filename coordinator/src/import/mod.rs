@@ -77,6 +77,13 @@ pub enum ImportError {
     )]
     Syntax { origin: String, message: String },
 
+    /// The `--cluster` option is not a valid cluster name.
+    #[error(
+        "invalid --cluster {value:?}: use 1 to 63 lowercase letters, digits, '-' or '_'; it names etcd keys and \
+         cloud tags"
+    )]
+    Cluster { value: String },
+
     #[error("{origin} has {} invalid setting(s):\n{}", problems.len(), list(problems))]
     Invalid {
         origin: String,
@@ -105,14 +112,12 @@ pub fn convert(
             message: err.to_string(),
         })?;
 
-    let mut report = input::Report::default();
     if !input::is_cluster_name(&options.cluster) {
-        report.problem(
-            "--cluster",
-            format!("{:?}", options.cluster),
-            "use 1 to 63 lowercase letters, digits, '-' or '_'; it names etcd keys and cloud tags",
-        );
+        return Err(ImportError::Cluster {
+            value: options.cluster.clone(),
+        });
     }
+    let mut report = input::Report::default();
     let autoscaler = input::read(&value, &mut report);
     let (problems, notes) = report.finish();
     if !problems.is_empty() {

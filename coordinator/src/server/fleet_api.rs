@@ -429,18 +429,18 @@ impl FleetService for FleetApi {
                 // The request changes the limits it names and keeps the queue's other overrides.
                 let state = self.node.read_state().await?;
                 let current = state.overrides.queue_limits.get(&message.queue);
-                let given = self.check_limits(&message.queue, limits, current)?;
-                Some(given)
+                let requested = self.check_limits(&message.queue, limits, current)?;
+                Some(requested)
             }
         };
         let queue = message.queue.clone();
         let status = self
             .change_overrides(&queue, &who, |overrides| match limits {
-                Some(given) => {
-                    let merged = merge_limits(overrides.queue_limits.get(&queue), &given);
+                Some(requested) => {
+                    let merged = merge_limits(overrides.queue_limits.get(&queue), &requested);
                     let text = format!(
                         "limits of queue {queue} changed: {}; its overrides are now {}",
-                        describe_limits(&given),
+                        describe_limits(&requested),
                         describe_limits(&merged)
                     );
                     overrides.queue_limits.insert(queue.clone(), merged);
@@ -497,13 +497,13 @@ impl FleetApi {
                 "limits.max_instances = {max} is above the cluster's budget.max_instances ({cluster_max})"
             )));
         }
-        let given = QueueLimits {
+        let requested = QueueLimits {
             min_instances: limits.min_instances,
             max_instances: limits.max_instances,
             min_idle: limits.min_idle,
             max_idle_seconds: limits.max_idle_seconds,
         };
-        let merged = merge_limits(current, &given);
+        let merged = merge_limits(current, &requested);
         let max = merged
             .max_instances
             .or(configured.map(|queue| queue.max_instances))
@@ -528,18 +528,18 @@ impl FleetApi {
                 "limits.max_idle_seconds = {seconds} is out of range; use 10 to 86400"
             )));
         }
-        Ok(given)
+        Ok(requested)
     }
 }
 
-/// Returns `current` with every limit that `given` sets replaced.
-fn merge_limits(current: Option<&QueueLimits>, given: &QueueLimits) -> QueueLimits {
+/// Returns `current` with every limit that `requested` sets replaced.
+fn merge_limits(current: Option<&QueueLimits>, requested: &QueueLimits) -> QueueLimits {
     let current = current.cloned().unwrap_or_default();
     QueueLimits {
-        min_instances: given.min_instances.or(current.min_instances),
-        max_instances: given.max_instances.or(current.max_instances),
-        min_idle: given.min_idle.or(current.min_idle),
-        max_idle_seconds: given.max_idle_seconds.or(current.max_idle_seconds),
+        min_instances: requested.min_instances.or(current.min_instances),
+        max_instances: requested.max_instances.or(current.max_instances),
+        min_idle: requested.min_idle.or(current.min_idle),
+        max_idle_seconds: requested.max_idle_seconds.or(current.max_idle_seconds),
     }
 }
 

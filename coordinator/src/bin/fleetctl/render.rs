@@ -212,13 +212,14 @@ pub fn event_json(event: &v1::Event) -> Value {
     })
 }
 
-/// Columns of the event table. The minimum widths keep followed events aligned, which are printed one at a time.
+/// Columns of the event table. The minimum widths keep followed events aligned, which are printed one at a time:
+/// an EC2 instance id has 19 characters (`i-` and 17 hex digits), a local one 18.
 pub fn events_table() -> Table {
     Table::new(&[
         "SEQ", "TIME", "KIND", "QUEUE", "RESOURCE", "INSTANCE", "MESSAGE",
     ])
     .right_align(&["SEQ"])
-    .min_widths(&[5, 20, 20, 8, 8, 16])
+    .min_widths(&[5, 20, 20, 8, 8, 19])
 }
 
 pub fn event_cells(event: &v1::Event) -> Vec<String> {
@@ -289,5 +290,31 @@ mod tests {
             .collect();
         assert_eq!(rows[0][..2], ["gpu", "-"], "{table}");
         assert_eq!(rows[1][..2], ["cpu", "0"], "{table}");
+    }
+
+    #[test]
+    fn followed_events_align_with_instance_ids() {
+        let table = events_table();
+        let event = |instance_id: &str| v1::Event {
+            sequence: 7,
+            unix_ms: 1_700_000_000_000,
+            kind: "instance.state".to_owned(),
+            queue: "gpu".to_owned(),
+            resource: "gpu-spot".to_owned(),
+            instance_id: instance_id.to_owned(),
+            message: "MESSAGE-TEXT".to_owned(),
+        };
+
+        let lines: Vec<String> = ["", "i-0123456789abcdef0", "local-46bb39a24c43"]
+            .into_iter()
+            .map(|id| table.format_row(&event_cells(&event(id))))
+            .collect();
+
+        let columns: Vec<usize> = lines
+            .iter()
+            .map(|line| line.find("MESSAGE-TEXT").unwrap())
+            .collect();
+        assert_eq!(columns[0], columns[1], "{lines:#?}");
+        assert_eq!(columns[0], columns[2], "{lines:#?}");
     }
 }
