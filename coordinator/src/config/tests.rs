@@ -400,4 +400,10 @@ fn agent_section_errors_name_keys() {
         unset.message.contains("UNSET_VARIABLE is not set"),
         "{unset}"
     );
+    assert!(
+        unset
+            .message
+            .contains("the tasks get as AWS_SECRET_ACCESS_KEY"),
+        "{unset}"
+    );
 }
