@@ -9,6 +9,9 @@ repo_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cache_dir="${XDG_CACHE_HOME:-$HOME/.cache}/clearml-fleet"
 export FLEET_VENV="${FLEET_VENV:-$cache_dir/venv}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache_dir/target}"
+# Incremental data of every clone's build piles up in the shared target directory (tens of GB after a
+# few dozen runs) and saves little for a full build, so it is off unless the caller turns it on.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 script_name=demo.sh
 # shellcheck source=scripts/common.sh
 source "$repo_dir/scripts/common.sh"
