@@ -13,6 +13,7 @@ use super::supervisor::stops_on_shutdown;
 use crate::failpoint;
 use crate::providers::{ErrorClass, LaunchOutcome, Offering, ProviderError};
 use crate::registry::Launched;
+use crate::store::{BackoffRecord, LaunchIntent};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -122,15 +123,22 @@ async fn launch(core: &FleetCore, job: LaunchJob) {
         }
         Ok(outcome) => {
             core.metrics.inc("fleet_launch_failures_total", &labels);
-            let reason = match &outcome.stopped_by {
-                Some(err) => err.to_string(),
-                None => format!(
-                    "no offering had capacity ({} capacity error(s), {} offering(s) in backoff)",
-                    outcome.capacity_failures.len(),
-                    outcome.skipped_in_backoff.len()
-                ),
-            };
-            record_failure(core, &intent.id, &reason).await;
+            match &outcome.stopped_by {
+                Some(err) => {
+                    let reason = err.to_string();
+                    record_failure(core, &intent.id, &reason).await;
+                    back_off_resource(core, intent, &reason).await;
+                }
+                // Every offering failed on capacity: the provider backed off each one already.
+                None => {
+                    let reason = format!(
+                        "no offering had capacity ({} capacity error(s), {} offering(s) in backoff)",
+                        outcome.capacity_failures.len(),
+                        outcome.skipped_in_backoff.len()
+                    );
+                    record_failure(core, &intent.id, &reason).await;
+                }
+            }
         }
         Err(err) if keeps_intent_open(&err) => {
             core.metrics.inc("fleet_launch_failures_total", &labels);
@@ -138,7 +146,11 @@ async fn launch(core: &FleetCore, job: LaunchJob) {
         }
         Err(err) => {
             core.metrics.inc("fleet_launch_failures_total", &labels);
-            record_failure(core, &intent.id, &err.to_string()).await;
+            let reason = err.to_string();
+            record_failure(core, &intent.id, &reason).await;
+            if !matches!(err, ProviderError::NoCapacity { .. }) {
+                back_off_resource(core, intent, &reason).await;
+            }
         }
     }
 }
@@ -152,6 +164,55 @@ fn keeps_intent_open(err: &ProviderError) -> bool {
             crate::providers::error::classify(Some(code), None) == ErrorClass::Transient
         }
         _ => false,
+    }
+}
+
+/// Backs off every offering of the intent's resource after a failure that another try would repeat (an
+/// unknown error code, a disabled resource), with the schedule of capacity backoffs: 3 min doubling to 30 min.
+async fn back_off_resource(core: &FleetCore, intent: &LaunchIntent, reason: &str) {
+    let Some(resource) = core
+        .config
+        .policy
+        .queue(&intent.queue)
+        .and_then(|queue| queue.resource(&intent.resource))
+    else {
+        return;
+    };
+    let now = now_ms();
+    let schedule = &core.config.policy.backoff;
+    let mut registry = core.registry.lock().await;
+    let backoffs: Vec<BackoffRecord> = resource
+        .offerings
+        .iter()
+        .map(|offering| {
+            let failures = registry
+                .state()
+                .backoffs
+                .get(&offering.id)
+                .map_or(0, |previous| previous.failures)
+                + 1;
+            BackoffRecord {
+                offering: offering.id.clone(),
+                failures,
+                until_ms: now + schedule.delay(failures).as_millis() as u64,
+            }
+        })
+        .collect();
+    let Some(longest) = backoffs.iter().map(|backoff| backoff.until_ms).max() else {
+        return;
+    };
+    let message = format!(
+        "resource {} backed off for {} s after a failed launch: {reason}",
+        intent.resource,
+        longest.saturating_sub(now) / 1000
+    );
+    tracing::warn!(resource = %intent.resource, queue = %intent.queue, backoff_s = longest.saturating_sub(now) / 1000, "launches on the resource paused after a failed launch");
+    if let Err(err) = registry
+        .back_off_resource(&intent.queue, &intent.resource, backoffs, message, now)
+        .await
+    {
+        core.metrics.inc("fleet_state_write_errors_total", &[]);
+        tracing::warn!(resource = %intent.resource, error = %err, "resource backoff not stored");
     }
 }
 

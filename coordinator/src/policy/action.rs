@@ -43,7 +43,7 @@ pub enum HoldReason {
     ClusterMax,
     HourlyBudget,
     TickLaunchLimit,
-    /// Every offering with room is in backoff after capacity errors.
+    /// Every offering with room is in backoff after capacity errors or failed launches.
     AllOfferingsBackedOff,
     /// The queue has no resource with an offering.
     NoOffering,
@@ -84,7 +84,7 @@ impl fmt::Display for HoldReason {
             Self::HourlyBudget => "the next instance would exceed the hourly budget",
             Self::TickLaunchLimit => "the per-tick launch limit is reached",
             Self::AllOfferingsBackedOff => {
-                "every offering with room is in backoff after capacity errors"
+                "every offering with room is in backoff after capacity errors or failed launches"
             }
             Self::NoOffering => "the queue has no resource with an offering",
         };

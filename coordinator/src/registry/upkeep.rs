@@ -59,6 +59,29 @@ impl Registry {
         self.commit(vec![Change::PutBackoff(backoff), event]).await
     }
 
+    /// Backs off every offering of a resource whose launch failed for a reason other than capacity, so the
+    /// policy moves to the queue's next resource instead of repeating the failing call every tick.
+    pub async fn back_off_resource(
+        &mut self,
+        queue: &str,
+        resource: &str,
+        backoffs: Vec<BackoffRecord>,
+        message: String,
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
+        let event = self.event(
+            "resource.backoff",
+            now_ms,
+            Some(queue),
+            Some(resource),
+            None,
+            message,
+        );
+        let mut changes: Vec<Change> = backoffs.into_iter().map(Change::PutBackoff).collect();
+        changes.push(event);
+        self.commit(changes).await
+    }
+
     /// Replaces the runtime overrides (paused queues, changed limits) with an event that describes the change.
     pub async fn set_overrides(
         &mut self,

@@ -1,0 +1,95 @@
+//! A launch that fails with an error another try would repeat (here EC2's PendingVerification, an account
+//! still under review) backs off the resource: the leader does not send the same failing RunInstances every
+//! poll, and the event log records the reason.
+
+use std::time::Duration;
+
+use fleet_proto::v1::WatchEventsRequest;
+use fleet_tests::cluster::{ClusterOptions, CoordinatorCluster, VIEWER_TOKEN};
+use fleet_tests::ec2::FaultRule;
+use fleet_tests::harness::wait_until_async;
+use tonic::Request;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
+
+fn viewer<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {VIEWER_TOKEN}").parse().unwrap(),
+    );
+    request
+}
+
+async fn events(cluster: &CoordinatorCluster, leader: usize) -> Vec<(String, String)> {
+    let mut client = cluster.fleet_client(leader).await.unwrap();
+    let mut stream = client
+        .watch_events(viewer(WatchEventsRequest {
+            after_sequence: 0,
+            follow: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        events.push((event.kind, event.message));
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_resource_is_backed_off() {
+    let mut cluster = CoordinatorCluster::start("backoff", BINARY, ClusterOptions::default())
+        .await
+        .unwrap();
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(20))
+        .await
+        .unwrap();
+    cluster
+        .ec2
+        .proxy
+        .inject(FaultRule::error("RunInstances", "PendingVerification"));
+
+    cluster.enqueue_tasks(1).await.unwrap();
+    wait_until_async(Duration::from_secs(30), "a failed RunInstances", || async {
+        cluster.ec2.proxy.calls("RunInstances") > 0
+    })
+    .await
+    .unwrap();
+    let backed_off = wait_until_async(
+        Duration::from_secs(20),
+        "a resource.backoff event",
+        || async {
+            events(&cluster, leader)
+                .await
+                .iter()
+                .any(|(kind, _)| kind == "resource.backoff")
+        },
+    )
+    .await;
+    if let Err(err) = backed_off {
+        let seen = events(&cluster, leader).await;
+        panic!("{err}\n{seen:?}\n{}", cluster.logs(30));
+    }
+    let after_backoff = cluster.ec2.proxy.calls("RunInstances");
+
+    // The task still waits and the poll interval is 1 s: without the backoff, every poll would send the
+    // same failing call. An absence needs a window; 6 s is six polls.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    assert_eq!(
+        cluster.ec2.proxy.calls("RunInstances"),
+        after_backoff,
+        "RunInstances repeated during the backoff\n{}",
+        cluster.logs(30)
+    );
+    let all = events(&cluster, leader).await;
+    let (_, message) = all
+        .iter()
+        .find(|(kind, _)| kind == "resource.backoff")
+        .unwrap();
+    assert!(message.contains("PendingVerification"), "{message}");
+    assert!(message.contains("backed off for 180 s"), "{message}");
+}
