@@ -4,39 +4,11 @@
 
 use std::time::Duration;
 
-use fleet_proto::v1::WatchEventsRequest;
-use fleet_tests::cluster::{ClusterOptions, CoordinatorCluster, VIEWER_TOKEN};
+use fleet_tests::cluster::{ClusterOptions, CoordinatorCluster};
 use fleet_tests::ec2::FaultRule;
 use fleet_tests::harness::wait_until_async;
-use tonic::Request;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fleet-coordinator");
-
-fn viewer<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {VIEWER_TOKEN}").parse().unwrap(),
-    );
-    request
-}
-
-async fn events(cluster: &CoordinatorCluster, leader: usize) -> Vec<(String, String)> {
-    let mut client = cluster.fleet_client(leader).await.unwrap();
-    let mut stream = client
-        .watch_events(viewer(WatchEventsRequest {
-            after_sequence: 0,
-            follow: false,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = stream.message().await.unwrap() {
-        events.push((event.kind, event.message));
-    }
-    events
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_resource_is_backed_off() {
@@ -62,15 +34,17 @@ async fn failing_resource_is_backed_off() {
         Duration::from_secs(20),
         "a resource.backoff event",
         || async {
-            events(&cluster, leader)
+            cluster
+                .events(leader)
                 .await
+                .unwrap()
                 .iter()
                 .any(|(kind, _)| kind == "resource.backoff")
         },
     )
     .await;
     if let Err(err) = backed_off {
-        let seen = events(&cluster, leader).await;
+        let seen = cluster.events(leader).await.unwrap();
         panic!("{err}\n{seen:?}\n{}", cluster.logs(30));
     }
     let after_backoff = cluster.ec2.proxy.calls("RunInstances");
@@ -85,7 +59,7 @@ async fn failing_resource_is_backed_off() {
         "RunInstances repeated during the backoff\n{}",
         cluster.logs(30)
     );
-    let all = events(&cluster, leader).await;
+    let all = cluster.events(leader).await.unwrap();
     let (_, message) = all
         .iter()
         .find(|(kind, _)| kind == "resource.backoff")

@@ -9,7 +9,7 @@ use clearml_api::Secret;
 use clearml_api::workers::RegisterWorker;
 use fleet_coordinator::keys::AgentKeys;
 use fleet_proto::v1::agent_service_client::AgentServiceClient;
-use fleet_proto::v1::{ListInstancesRequest, RegisterRequest, WatchEventsRequest};
+use fleet_proto::v1::{ListInstancesRequest, RegisterRequest};
 use fleet_tests::cluster::{
     BOOTSTRAP_KEY, ClusterOptions, CoordinatorCluster, QUEUE, RESOURCE, VIEWER_TOKEN,
 };
@@ -67,23 +67,6 @@ async fn recorded(cluster: &CoordinatorCluster, leader: usize) -> Vec<String> {
         .into_iter()
         .map(|instance| instance.instance_id)
         .collect()
-}
-
-async fn event_kinds(cluster: &CoordinatorCluster, leader: usize) -> Vec<(String, String)> {
-    let mut client = cluster.fleet_client(leader).await.unwrap();
-    let mut stream = client
-        .watch_events(viewer(WatchEventsRequest {
-            after_sequence: 0,
-            follow: false,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = stream.message().await.unwrap() {
-        events.push((event.kind, event.message));
-    }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +147,7 @@ async fn reconciler_handles_orphans_and_gone_instances() {
             .contains_key(&adopted)
     );
     assert!(recorded(&cluster, leader).await.contains(&adopted));
-    let events = event_kinds(&cluster, leader).await;
+    let events = cluster.events(leader).await.unwrap();
     assert!(
         events
             .iter()
@@ -227,8 +210,10 @@ async fn reconciler_handles_orphans_and_gone_instances() {
         Duration::from_secs(15),
         "the unknown worker is reported",
         || async {
-            event_kinds(&cluster, leader)
+            cluster
+                .events(leader)
                 .await
+                .unwrap()
                 .iter()
                 .any(|(kind, message)| {
                     kind == "worker.unknown" && message.contains("i-0000000000notreal")

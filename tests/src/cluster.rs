@@ -459,6 +459,28 @@ impl CoordinatorCluster {
                 .await?;
         Ok(FleetServiceClient::new(channel))
     }
+
+    /// Returns the event log of replica `index` as (kind, message) pairs, oldest first.
+    pub async fn events(&self, index: usize) -> anyhow::Result<Vec<(String, String)>> {
+        let mut request = tonic::Request::new(fleet_proto::v1::WatchEventsRequest {
+            after_sequence: 0,
+            follow: false,
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {VIEWER_TOKEN}").parse()?);
+        let mut stream = self
+            .fleet_client(index)
+            .await?
+            .watch_events(request)
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await? {
+            events.push((event.kind, event.message));
+        }
+        Ok(events)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
