@@ -56,7 +56,7 @@ fn render(gate_url: &str, config: &AgentConfig) -> String {
     text.push_str("  }\n}\n");
     text.push_str("agent {\n");
     text.push_str(&format!("  worker_id: {}\n", quote(&config.worker_id)));
-    if needs_host_network(gate_url, config) {
+    if tasks_need_host_network(gate_url, config) && !extra_text_sets_docker_arguments(config) {
         // NOTE: untested here (no Docker engine on the test machines). A task container on docker's default
         // bridge network cannot reach the gate on the host's loopback address; host networking can.
         text.push_str("  extra_docker_arguments: [\"--network=host\"]\n");
@@ -69,9 +69,9 @@ fn render(gate_url: &str, config: &AgentConfig) -> String {
     text
 }
 
-/// Returns whether clearml-agent runs tasks in docker while the gate listens on a loopback address, so the
-/// task containers need the host's network to reach it.
-fn gate_is_loopback_for_docker(gate_url: &str, config: &AgentConfig) -> bool {
+/// Returns whether the task containers need the host's network: clearml-agent runs tasks in docker while the
+/// gate listens on a loopback address.
+fn tasks_need_host_network(gate_url: &str, config: &AgentConfig) -> bool {
     let loopback = url::Url::parse(gate_url)
         .ok()
         .and_then(|url| url.host_str().map(str::to_owned))
@@ -79,17 +79,16 @@ fn gate_is_loopback_for_docker(gate_url: &str, config: &AgentConfig) -> bool {
     !config.docker_image.is_empty() && loopback
 }
 
-/// Returns whether the node agent adds `--network=host` to clearml-agent's docker arguments. It does not when
-/// the extra clearml.conf text sets `extra_docker_arguments`, which a later value would replace.
-fn needs_host_network(gate_url: &str, config: &AgentConfig) -> bool {
-    gate_is_loopback_for_docker(gate_url, config)
-        && !config.extra_clearml_conf.contains("extra_docker_arguments")
+/// Returns whether the coordinator's extra clearml.conf text sets `extra_docker_arguments`. The node agent then
+/// leaves them alone, because its own later value would replace the operator's list.
+fn extra_text_sets_docker_arguments(config: &AgentConfig) -> bool {
+    config.extra_clearml_conf.contains("extra_docker_arguments")
 }
 
-/// Returns a warning when task containers may not reach the gate: docker mode, a loopback gate, and docker
-/// arguments from the coordinator's extra text, which the node agent leaves alone.
+/// Returns a warning when the task containers may not reach the gate: docker mode with a loopback gate, and
+/// docker arguments from the coordinator's extra text, which the node agent leaves alone.
 pub fn docker_network_warning(gate_url: &str, config: &AgentConfig) -> Option<String> {
-    (gate_is_loopback_for_docker(gate_url, config) && !needs_host_network(gate_url, config)).then(|| {
+    (tasks_need_host_network(gate_url, config) && extra_text_sets_docker_arguments(config)).then(|| {
         format!(
             "tasks run in docker and the gate listens on {gate_url}, but the coordinator's extra clearml.conf \
              sets agent.extra_docker_arguments, so the node agent does not add --network=host; include it \

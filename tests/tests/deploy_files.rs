@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 
 use fleet_coordinator::providers::aws::user_data;
 
+/// Bootstrap token rendered into the sample user data.
+const BOOTSTRAP_TOKEN: &str = "v1.5f0c9a2e.c2lnbmF0dXJl";
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -15,7 +18,7 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs a checking tool; a missing tool fails the test with the package to install.
+/// Runs a checking tool. A missing tool fails the test with the package to install.
 fn run(
     program: &str,
     package: &str,
@@ -26,7 +29,7 @@ fn run(
     command.args(args).current_dir(repo_root());
     configure(&mut command);
     command.output().unwrap_or_else(|err| {
-        panic!("cannot run {program} ({err}); install the Debian package {package}, as scripts/test.sh does")
+        panic!("failed to run {program} ({err}); install the Debian package {package}, as scripts/test.sh does")
     })
 }
 
@@ -61,7 +64,7 @@ fn rendered_user_data() -> String {
         ("queue", "gpu"),
         ("resource", "gpu-spot"),
         ("intent_id", "5f0c9a2e-7d1b-4c3e-9f6a-0b1c2d3e4f50"),
-        ("bootstrap_token", "v1.5f0c9a2e.c2lnbmF0dXJl"),
+        ("bootstrap_token", BOOTSTRAP_TOKEN),
         (
             "coordinator_endpoints",
             "https://10.0.0.5:7443,https://10.0.0.6:7443",
@@ -109,7 +112,7 @@ fn user_data_writes_valid_agent_config() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("bootstrap-token");
     let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&token_file, "v1.5f0c9a2e.c2lnbmF0dXJl\n").unwrap();
+    std::fs::write(&token_file, format!("{BOOTSTRAP_TOKEN}\n")).unwrap();
     std::fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\n").unwrap();
     let text = script[start..end]
         .replace(
@@ -132,10 +135,7 @@ fn user_data_writes_valid_agent_config() {
         endpoints,
         ["https://10.0.0.5:7443/", "https://10.0.0.6:7443/"]
     );
-    assert_eq!(
-        config.coordinator.bootstrap_token.expose(),
-        "v1.5f0c9a2e.c2lnbmF0dXJl"
-    );
+    assert_eq!(config.coordinator.bootstrap_token.expose(), BOOTSTRAP_TOKEN);
 }
 
 /// Returns the template without its `packer { ... }` block.

@@ -429,8 +429,7 @@ impl FleetService for FleetApi {
                 // The request changes the limits it names and keeps the queue's other overrides.
                 let state = self.node.read_state().await?;
                 let current = state.overrides.queue_limits.get(&message.queue);
-                let requested = self.check_limits(&message.queue, limits, current)?;
-                Some(requested)
+                Some(self.check_limits(&message.queue, limits, current)?)
             }
         };
         let queue = message.queue.clone();
