@@ -407,3 +407,59 @@ fn agent_section_errors_name_keys() {
         "{unset}"
     );
 }
+
+#[test]
+fn agent_text_and_git_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.sh"), "x".repeat(64 * 1024 + 1)).unwrap();
+    let cases = [
+        (
+            "init_script = \"  \"",
+            "agent.init_script",
+            "the text is empty",
+        ),
+        (
+            "init_script_file = \"big.sh\"",
+            "agent.init_script",
+            "must be at most 65536 bytes",
+        ),
+        (
+            "git_password_env = \"FLEET_GIT_TOKEN\"",
+            "agent.git_user",
+            "needs a user name",
+        ),
+        (
+            "git_user = \"ci-bot\"\ngit_password_env = \"FLEET_GIT_TOKEN\"\ngit_password_file = \"token\"",
+            "agent.git_password_file",
+            "not both",
+        ),
+    ];
+
+    for (agent, key, needle) in cases {
+        let text = format!("{VALID}\n[agent]\n{agent}\n");
+        let problems = match parse(&text, "test.toml", dir.path(), &env()) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("{agent}: expected invalid settings, got {other:?}"),
+        };
+
+        let problem = problem_for(&problems, key);
+        assert!(problem.message.contains(needle), "{agent}: {problem}");
+    }
+}
+
+#[test]
+fn resource_docker_image_is_checked() {
+    let text = VALID.replace(
+        "hourly_price_usd = { \"g5.xlarge\" = 1.01 }",
+        "hourly_price_usd = { \"g5.xlarge\" = 1.01 }\ndocker_image = \"bad'image\"",
+    );
+
+    let problems = problems(&text);
+
+    let problem = problem_for(&problems, "resources.gpu-on-demand.docker_image");
+    assert_eq!(problem.value, "\"bad'image\"");
+    assert!(
+        problem.message.contains("docker image reference"),
+        "{problem}"
+    );
+}
