@@ -379,7 +379,7 @@ async fn api_rejects_bad_requests() {
         verdict.reason
     );
 
-    // The Git token goes to registered agents only: neither the user data nor a log line holds it.
+    // The Git token goes to registered agents only: neither the user data nor a log line contains it.
     let user_data = cluster.user_data(&instance_id).await.unwrap();
     assert!(!user_data.contains(GIT_TOKEN));
     assert!(!cluster.logs(usize::MAX).contains(GIT_TOKEN));

@@ -1,6 +1,6 @@
-//! A launch that fails with an error another try would repeat (here EC2's PendingVerification, an account
-//! still under review) backs off the resource: the leader does not send the same failing RunInstances every
-//! poll, and the event log records the reason.
+//! A launch that fails with an error another try would repeat backs off the resource. The error here is EC2's
+//! PendingVerification (an account still under review). The leader does not send the same failing
+//! RunInstances every poll, and the event log records the reason.
 
 use std::time::Duration;
 

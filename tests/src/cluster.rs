@@ -209,7 +209,7 @@ impl CoordinatorCluster {
         Ok(cluster)
     }
 
-    /// Waits until replica `index` answers `/healthz`, so tests that ask a follower for its status do not
+    /// Waits until replica `index` responds to `/healthz`, so tests that ask a follower for its status do not
     /// race the replica's start-up.
     pub async fn wait_for_http(&self, index: usize, timeout: Duration) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/healthz", self.replicas[index].http);

@@ -9,8 +9,8 @@ use crate::harness::{ChildProcess, HarnessError, TestDir, free_port};
 
 /// Time a new cluster gets to elect a raft leader and report healthy on `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Starts of a new cluster, each on fresh ports. A free port is released before etcd binds it, so another
-/// process can take it in between; the member then exits and the cluster starts again.
+/// Attempts to start a new cluster, each on fresh ports. A free port is released before etcd binds it, so another
+/// process can take it in between. The member then exits, and the cluster starts again.
 const START_ATTEMPTS: usize = 3;
 
 /// Raft timing for tests: loopback round trips take microseconds, so short intervals make failover fast
@@ -186,7 +186,7 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// Waits until member `index` reports healthy; fails at once, with its log, if it exits.
+    /// Waits until member `index` reports healthy. Fails at once, with its log, if the member exits.
     async fn wait_healthy(&mut self, index: usize, timeout: Duration) -> Result<(), HarnessError> {
         let url = format!("{}/health", self.endpoint(index));
         let http = reqwest::Client::builder()

@@ -1,6 +1,6 @@
-//! The `[agent]` table and each resource's `docker_image`: what node agents get at registration besides their
-//! queue and the ClearML access. The extra clearml.conf text, the init script, the Git password and the task
-//! environment may hold credentials, so they are kept as secrets and never logged.
+//! Checks of the `[agent]` table and each resource's `docker_image`: the settings node agents get at
+//! registration besides their queue and the ClearML access. The extra clearml.conf text, the init script, the
+//! Git password and the task environment may contain credentials, so they are kept as secrets and never logged.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -207,7 +207,7 @@ pub struct LocalSection {
     pub agent_config_template_file: Option<PathBuf>,
 }
 
-/// What every node agent gets at registration besides its queue and the ClearML access.
+/// Settings every node agent gets at registration besides its queue and the ClearML access.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {

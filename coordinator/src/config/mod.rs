@@ -48,7 +48,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub aws: Option<AwsConfig>,
     pub local: Option<LocalConfig>,
-    /// What node agents get at registration besides their queue and the ClearML access.
+    /// Settings node agents get at registration besides their queue and the ClearML access.
     pub agent: AgentSettings,
 }
 

@@ -310,17 +310,16 @@ fn check_clearml(
         ("clearml.web_server", section.web_server.as_ref()),
         ("clearml.files_server", section.files_server.as_ref()),
     ] {
-        if let Some(value) = value
-            && !is_http_url(value)
-        {
+        let Some(value) = value else {
+            continue;
+        };
+        if !is_http_url(value) {
             problems.add(
                 key,
                 format!("{value:?}"),
                 "must be an http:// or https:// URL, for example https://api.clear.ml",
             );
-        } else if let Some(value) = value
-            && is_placeholder_host(value)
-        {
+        } else if is_placeholder_host(value) {
             problems.add(
                 key,
                 format!("{value:?}"),
@@ -1154,7 +1153,7 @@ fn toml_key(key: &str) -> String {
 /// Start of the subnet ids that `import-clearml-config` writes when its input names a zone but no subnet.
 pub const SUBNET_PLACEHOLDER_PREFIX: &str = "subnet-REPLACE-";
 
-/// Whether the URL's host is in the `.invalid` top-level domain, which never resolves (RFC 6761).
+/// Returns whether the URL's host is in the `.invalid` top-level domain, which never resolves (RFC 6761).
 fn is_placeholder_host(text: &str) -> bool {
     url::Url::parse(text)
         .ok()

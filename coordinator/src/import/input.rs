@@ -689,7 +689,7 @@ fn read_extra_texts(
     let extra = if has_credentials(&text) {
         report.not_carried_over(
             format!("{key} (credentials)"),
-            "the text holds credentials, which are never copied, so none of it was carried over; set \
+            "the text contains credentials, which are never copied, so none of it was carried over; set \
              CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY in the coordinator's environment, and put the \
              rest of the text in a file only the coordinator can read (agent.extra_clearml_conf_file)",
         );
