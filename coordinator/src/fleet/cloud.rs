@@ -169,6 +169,7 @@ fn keeps_intent_open(err: &ProviderError) -> bool {
 
 /// Backs off every offering of the intent's resource after a failure that another try would repeat (an
 /// unknown error code, a disabled resource), with the schedule of capacity backoffs: 3 min doubling to 30 min.
+// NOTE: no command ends these backoffs early. After the cause is fixed, launches wait until they expire.
 async fn back_off_resource(core: &FleetCore, intent: &LaunchIntent, reason: &str) {
     let Some(resource) = core
         .config
